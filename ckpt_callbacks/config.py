@@ -1,0 +1,185 @@
+"""`CheckpointArguments`: every flag the library understands, its default and its validation.
+
+Flag names follow `transformers.TrainingArguments` wherever it has one, so that
+`HfArgumentParser` users and Trainer users find what they already know.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
+VERIFY_MODES = ("checksum", "size", "none")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    None: 1,
+    "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}
+
+
+def parse_size(value: int | str) -> int:
+    """Parse a size in Hugging Face syntax ("5GB" = 5*10**9, "500MiB", 1024) into bytes.
+
+    Example:
+        >>> parse_size("500MB")
+        500000000
+    """
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise ValueError(
+            f"max_shard_size={value!r} is not a size. Use an int of bytes or a string such as '500MB' or '5GB'."
+        )
+    number, unit = match.groups()
+    return int(float(number) * _SIZE_UNITS[unit.upper() if unit else None])
+
+
+def normalize_metric_name(name: str) -> str:
+    """Apply the stock Trainer's rule: metric names get an `eval_` prefix if they lack one."""
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def infer_greater_is_better(metric: str) -> bool:
+    """The stock Trainer's inference: lower is better exactly when the name ends in `loss`."""
+    return not metric.endswith("loss")
+
+
+@dataclass
+class CheckpointArguments:
+    """When to save, what to keep and how to write. Parseable by `transformers.HfArgumentParser`."""
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where checkpoint-{step} folders go (HF: the Trainer's output_dir)."}
+    )
+    save_strategy: str = field(
+        default="steps", metadata={"help": "When to save: 'no', 'steps', 'epoch' or 'best'.", "choices": list(SAVE_STRATEGIES)}
+    )
+    save_steps: float = field(
+        default=500, metadata={"help": "Save every N optimizer steps; a float in (0, 1) is a ratio of the total steps."}
+    )
+    save_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep at most N checkpoints, the newest; a tracked best is always kept and counts toward N."}
+    )
+    save_best_limit: int | None = field(
+        default=None, metadata={"help": "Also keep the N best checkpoints by metric_for_best_model."}
+    )
+    metric_for_best_model: str | None = field(
+        default=None, metadata={"help": "Metric that ranks checkpoints; the 'eval_' prefix is optional."}
+    )
+    greater_is_better: bool | None = field(
+        default=None, metadata={"help": "Whether a larger metric is better; inferred (False for names ending in 'loss')."}
+    )
+    load_best_model_at_end: bool = field(
+        default=False, metadata={"help": "Restore the best weights when training ends."}
+    )
+    save_only_model: bool = field(
+        default=False, metadata={"help": "Save weights only (no optimizer, scheduler or RNG): such checkpoints cannot resume."}
+    )
+    save_time_interval: float | None = field(
+        default=None, metadata={"help": "Also save every N seconds of training."}
+    )
+    save_on_signal: bool = field(
+        default=True, metadata={"help": "On SIGTERM/SIGUSR1 save at the next step boundary, then stop cleanly."}
+    )
+    async_save: bool = field(
+        default=True, metadata={"help": "Keep training while the checkpoint is written in the background."}
+    )
+    export_at_end: bool = field(
+        default=True, metadata={"help": "Write a sharded safetensors export of the final (or best) model at train end."}
+    )
+    export_dir: str | None = field(default=None, metadata={"help": "Export folder; default {output_dir}/export."})
+    max_shard_size: str = field(
+        default="5GB", metadata={"help": "Shard size of the export, HF syntax ('500MB', or bytes)."}
+    )
+    verify_on_load: str = field(
+        default="checksum", metadata={"help": "Check on load: 'checksum', 'size' or 'none'.", "choices": list(VERIFY_MODES)}
+    )
+    engine: str | None = field(
+        default=None, metadata={"help": "Registered CheckpointEngine name: 'hf', 'torch', 'safetensors', 'dcp', or your own."}
+    )
+    max_in_flight: int = field(
+        default=1, metadata={"help": "Async saves allowed in flight at once (each holds one staged copy in host memory)."}
+    )
+    fallback_to_verified: bool = field(
+        default=False,
+        metadata={"help": "When the newest checkpoint fails verification, resume from the newest one that verifies (logged)."},
+    )
+
+    def __post_init__(self) -> None:
+        self.max_shard_size = str(self.max_shard_size)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.save_strategy not in SAVE_STRATEGIES:
+            raise ValueError(
+                f"save_strategy={self.save_strategy!r} is not supported. Use one of {', '.join(SAVE_STRATEGIES)}."
+            )
+        if self.save_steps <= 0:
+            raise ValueError(f"save_steps={self.save_steps} must be > 0: an int number of steps or a ratio in (0, 1).")
+        if self.save_steps > 1 and self.save_steps != int(self.save_steps):
+            raise ValueError(
+                f"save_steps={self.save_steps}: a value above 1 must be a whole number of steps; "
+                "use a float in (0, 1) for a ratio of the total steps."
+            )
+        for name in ("save_total_limit", "save_best_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1, or None to keep every checkpoint.")
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            # The stock Trainer's default when best-model loading is on.
+            self.metric_for_best_model = "loss"
+        if self.save_strategy == "best" and self.metric_for_best_model is None:
+            raise ValueError(
+                "save_strategy='best' needs metric_for_best_model: set it, e.g. metric_for_best_model='eval_loss'."
+            )
+        if self.save_best_limit is not None and self.metric_for_best_model is None:
+            raise ValueError(
+                "save_best_limit needs metric_for_best_model to rank checkpoints: set it, or drop save_best_limit."
+            )
+        if self.save_time_interval is not None and self.save_time_interval <= 0:
+            raise ValueError(f"save_time_interval={self.save_time_interval} must be a positive number of seconds.")
+        if self.verify_on_load not in VERIFY_MODES:
+            raise ValueError(
+                f"verify_on_load={self.verify_on_load!r} is not supported. Use one of {', '.join(VERIFY_MODES)}."
+            )
+        if self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight={self.max_in_flight} must be >= 1.")
+        parse_size(self.max_shard_size)
+        if self.engine is not None:
+            # Imported here: the registry imports engines, which import this module's helpers.
+            from ckpt_callbacks.core.engines import get_engine_class
+
+            get_engine_class(self.engine)
+
+    @property
+    def metric_key(self) -> str | None:
+        """The metric name as it appears in evaluation results (`eval_` prefixed)."""
+        return normalize_metric_name(self.metric_for_best_model) if self.metric_for_best_model else None
+
+    @property
+    def metric_greater_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return infer_greater_is_better(self.metric_key or "loss")
+
+    @property
+    def max_shard_bytes(self) -> int:
+        return parse_size(self.max_shard_size)
+
+    def replace(self, **changes: Any) -> CheckpointArguments:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def non_default_fields(self) -> dict[str, Any]:
+        """The fields whose value differs from the class default: what a user set explicitly."""
+        defaults = CheckpointArguments()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(defaults, f.name)
+        }

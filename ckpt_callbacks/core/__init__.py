@@ -1,0 +1,1 @@
+"""Framework-neutral checkpoint core: no transformers or Lightning import below this package."""

@@ -1,0 +1,74 @@
+"""What a checkpoint holds: turning live objects into plain state and back.
+
+Anything with `state_dict()`/`load_state_dict()` (modules, optimizers,
+schedulers, grad scalers, data positions, user objects) is captured through
+those methods; plain dicts, tensors and numbers are stored as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections.abc import Mapping
+from functools import lru_cache
+from importlib import metadata
+from typing import Any, Protocol, runtime_checkable
+
+from ckpt_callbacks.errors import CheckpointError
+
+RNG_STATE = "rng"
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state_dict: Any) -> Any: ...
+
+
+def capture(objects: Mapping[str, Any]) -> dict[str, Any]:
+    """The state of each named object: `state_dict()` where it has one, the value itself otherwise."""
+    return {name: obj.state_dict() if isinstance(obj, Stateful) else obj for name, obj in objects.items()}
+
+
+def restore_into(name: str, target: Any, state: Any) -> Any:
+    """Load `state` into `target` in place when it is `Stateful`; return the state either way."""
+    if not isinstance(target, Stateful):
+        return state
+    try:
+        target.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(
+            f"Could not load the saved '{name}' state into {type(target).__name__}: {exc}. "
+            "The checkpoint was written for a different model or optimizer configuration; "
+            "build the same objects as the run that saved it, or load a matching checkpoint.",
+        ) from exc
+    return state
+
+
+_REPORTED_PACKAGES = ("ckpt-callbacks", "torch", "numpy", "safetensors", "transformers", "accelerate", "lightning", "pytorch-lightning")
+
+
+@lru_cache(maxsize=1)
+def library_versions() -> dict[str, str]:
+    """Versions of Python and of the installed packages that shape a checkpoint."""
+    versions = {"python": platform.python_version()}
+    for package in _REPORTED_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(directory: str | None = None) -> str | None:
+    """The commit of the git work tree the process runs in, when there is one."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory or os.getcwd(), capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    commit = result.stdout.strip()
+    return commit if result.returncode == 0 and len(commit) == 40 else None

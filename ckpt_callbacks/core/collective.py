@@ -1,0 +1,67 @@
+"""The few collective operations a multi-process commit needs, behind a small seam.
+
+`SingleProcess` makes every call a no-op, so the core runs the same code with
+one process or many. `TorchDistributed` uses `torch.distributed` on a separate
+gloo group, so checkpoint collectives never interleave with training ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+
+class Collective(Protocol):
+    rank: int
+    world_size: int
+
+    def barrier(self) -> None: ...
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any: ...
+
+    def all_true(self, flag: bool) -> bool: ...
+
+
+class SingleProcess:
+    rank = 0
+    world_size = 1
+
+    def barrier(self) -> None:
+        return None
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        return obj
+
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
+
+class TorchDistributed:
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self._group = dist.new_group(backend="gloo")
+
+    def barrier(self) -> None:
+        self._dist.barrier(group=self._group)
+
+    def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=src, group=self._group)
+        return box[0]
+
+    def all_true(self, flag: bool) -> bool:
+        flags: list[Any] = [None] * self.world_size
+        self._dist.all_gather_object(flags, bool(flag), group=self._group)
+        return all(flags)
+
+
+def default_collective() -> Collective:
+    """`TorchDistributed` when a process group is initialized, `SingleProcess` otherwise."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return TorchDistributed()
+    return SingleProcess()

@@ -1,0 +1,117 @@
+"""`CheckpointEngine`: the seam between the core and the bytes.
+
+An engine turns one piece of state into files and back, nothing more. The core
+calls `create(tag)` with the (staging) folder of a new checkpoint, `save(state,
+relpath)` once per piece ("model", "optimizer", "rng", ...), then `commit(tag)`;
+to read, it calls `open(tag)` and `load(relpath)`. Staging, atomic commit,
+manifest and checksums, async writing, verification and retention all happen
+around the engine in the core, so a user's engine gets them for free.
+
+Subclassing registers an engine under its `name`:
+
+    class NpyEngine(CheckpointEngine):
+        name = "npy"
+        def save(self, state, relpath): ...
+        def load(self, relpath, map_location=None): ...
+
+    CheckpointArguments(engine="npy")
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+_REGISTRY: dict[str, type[CheckpointEngine]] = {}
+
+
+@dataclass
+class EngineConfig:
+    """Typed options of an engine; subclasses declare their own `Config` dataclass."""
+
+
+class CheckpointEngine(ABC):
+    name: ClassVar[str]
+    Config: ClassVar[type[EngineConfig]] = EngineConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None:  # an abstract intermediate class: nothing to register
+            return
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{cls.__qualname__}.name must be a non-empty string, got {name!r}.")
+        existing = _REGISTRY.get(name)
+        if existing is not None and _identity(existing) != _identity(cls):
+            raise ValueError(
+                f"A CheckpointEngine named {name!r} is already registered ({_identity(existing)}); "
+                f"give {cls.__qualname__} another `name`."
+            )
+        _REGISTRY[name] = cls
+
+    def __init__(self, config: EngineConfig | None = None, *, rank: int = 0, world_size: int = 1) -> None:
+        self.config = config if config is not None else self.Config()
+        self.rank = rank
+        self.world_size = world_size
+        self._directory: Path | None = None
+
+    @property
+    def directory(self) -> Path:
+        """The checkpoint folder that `save` and `load` resolve relative paths against."""
+        if self._directory is None:
+            raise RuntimeError(f"{type(self).__name__}: call create(tag) or open(tag) before save/load.")
+        return self._directory
+
+    def create(self, tag: str) -> None:
+        """Begin writing a checkpoint into folder `tag` (a staging folder the core will commit)."""
+        self._directory = Path(tag)
+        self._directory.mkdir(parents=True, exist_ok=True)
+
+    def open(self, tag: str) -> None:
+        """Begin reading the checkpoint in folder `tag`."""
+        self._directory = Path(tag)
+
+    @abstractmethod
+    def save(self, state: Any, relpath: str) -> None:
+        """Write one piece of state (a nested structure of tensors and plain values) under `relpath`."""
+
+    @abstractmethod
+    def load(self, relpath: str, map_location: Any = None) -> Any:
+        """Read back what `save(state, relpath)` wrote."""
+
+    def commit(self, tag: str) -> None:
+        """Every `save` of this checkpoint has returned: finish anything pending. The core then seals it."""
+
+    def has(self, relpath: str) -> bool:
+        """Whether the open checkpoint holds `relpath` (used for checkpoints without a manifest)."""
+        stem = Path(relpath).name
+        folder = (self.directory / relpath).parent
+        return folder.is_dir() and any(p.name.split(".")[0] == stem for p in folder.iterdir())
+
+
+def _identity(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def get_engine_class(name: str) -> type[CheckpointEngine]:
+    """The engine registered under `name`; a `ValueError` listing the known names otherwise."""
+    _ensure_builtins_registered()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"engine={name!r} is not a registered CheckpointEngine. Known: {', '.join(sorted(_REGISTRY))}. "
+            "Define a subclass of ckpt_callbacks.CheckpointEngine with that `name` (importing it registers it)."
+        ) from None
+
+
+def registered_engines() -> list[str]:
+    _ensure_builtins_registered()
+    return sorted(_REGISTRY)
+
+
+def _ensure_builtins_registered() -> None:
+    # Importing the package registers the built-in engines.
+    import ckpt_callbacks.core.engines  # noqa: F401

@@ -1,0 +1,45 @@
+"""`safetensors` engine: every tensor in safetensors, all structure in JSON, no pickle anywhere."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ckpt_callbacks.core.engines.base import CheckpointEngine, EngineConfig
+from ckpt_callbacks.core.engines.tree_codec import decode_tree, encode_tree
+from ckpt_callbacks.core.tensor_files import read_safetensors, write_safetensors
+from ckpt_callbacks.errors import CheckpointCorruptError
+
+
+@dataclass
+class SafetensorsEngineConfig(EngineConfig):
+    # The core fsyncs every file once at commit; set True only for an engine used outside the core.
+    fsync: bool = False
+
+
+class SafetensorsEngine(CheckpointEngine):
+    """`{relpath}.safetensors` holds the tensors, `{relpath}.json` the structure around them."""
+
+    name = "safetensors"
+    Config = SafetensorsEngineConfig
+    config: SafetensorsEngineConfig
+
+    def save(self, state: Any, relpath: str) -> None:
+        structure, tensors = encode_tree(state, where=relpath)
+        target = self.directory / relpath
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors(target.with_name(target.name + ".safetensors"), tensors, {"format": "pt"}, fsync=self.config.fsync)
+        target.with_name(target.name + ".json").write_text(json.dumps({"structure": structure}))
+
+    def load(self, relpath: str, map_location: Any = None) -> Any:
+        target = self.directory / relpath
+        structure_path = target.with_name(target.name + ".json")
+        try:
+            structure = json.loads(structure_path.read_text())["structure"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise CheckpointCorruptError(
+                f"{structure_path}: unreadable structure file ({exc!r}).", path=str(structure_path), reason="unreadable"
+            ) from None
+        tensors = read_safetensors(target.with_name(target.name + ".safetensors"), map_location)
+        return decode_tree(structure, tensors, where=str(structure_path))

@@ -1,0 +1,43 @@
+"""`torch` engine: one torch zip file per piece of state, readable by `torch.load(weights_only=True)`."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import torch
+
+from ckpt_callbacks.core.engines.base import CheckpointEngine
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
+
+
+def load_weights_only(path: Any, map_location: Any = None) -> Any:
+    """`torch.load(weights_only=True)` with errors that name the file and never run its code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused to load: the file holds objects that only a full (code-running) unpickle could "
+            f"rebuild ({str(exc).splitlines()[0]}). Only tensors and plain values are loaded from checkpoints; "
+            "if you trust the file, load it yourself with torch.load(weights_only=False).",
+            path=str(path),
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointCorruptError(
+            f"{path}: not a readable torch file ({exc}). Re-save, or resume from an earlier checkpoint.",
+            path=str(path), reason="unreadable",
+        ) from None
+
+
+class TorchEngine(CheckpointEngine):
+    """`{relpath}.pt` per piece, written with `torch.save`."""
+
+    name = "torch"
+
+    def save(self, state: Any, relpath: str) -> None:
+        target = self.directory / f"{relpath}.pt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, target)
+
+    def load(self, relpath: str, map_location: Any = None) -> Any:
+        return load_weights_only(self.directory / f"{relpath}.pt", map_location)
