@@ -15,6 +15,7 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
+from ckpt_callbacks.core.tensor_files import view_key
 from ckpt_callbacks.errors import CheckpointError
 
 RNG_STATE = "rng"
@@ -37,7 +38,10 @@ def restore_into(name: str, target: Any, state: Any) -> Any:
     if not isinstance(target, Stateful):
         return state
     try:
-        target.load_state_dict(state)
+        if _is_module(target):
+            _load_module_state(target, state)
+        else:
+            target.load_state_dict(state)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(
             f"Could not load the saved '{name}' state into {type(target).__name__}: {exc}. "
@@ -45,6 +49,24 @@ def restore_into(name: str, target: Any, state: Any) -> Any:
             "build the same objects as the run that saved it, or load a matching checkpoint.",
         ) from exc
     return state
+
+
+def _is_module(target: Any) -> bool:
+    return callable(getattr(target, "named_parameters", None))
+
+
+def _load_module_state(module: Any, state: Mapping[str, Any]) -> None:
+    """`load_state_dict` that accepts checkpoints storing tied weights once (as safetensors and the stock
+    Trainer do): a missing key is fine when it shares memory with a key that was loaded."""
+    result = module.load_state_dict(state, strict=False)
+    own = module.state_dict()
+    loaded_views = {view_key(own[name]) for name in state if name in own}
+    missing = [name for name in result.missing_keys if view_key(own[name]) not in loaded_views]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected keys {list(result.unexpected_keys)[:5]}"
+        )
 
 
 _REPORTED_PACKAGES = ("ckpt-callbacks", "torch", "numpy", "safetensors", "transformers", "accelerate", "lightning", "pytorch-lightning")
