@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,14 +31,21 @@ def load_weights_only(path: Any, map_location: Any = None) -> Any:
 
 
 class TorchEngine(CheckpointEngine):
-    """`{relpath}.pt` per piece, written with `torch.save`."""
+    """One `torch.save` file per piece: `{relpath}.pt`, or `relpath` itself when it has a suffix (`last.ckpt`)."""
 
     name = "torch"
 
     def save(self, state: Any, relpath: str) -> None:
-        target = self.directory / f"{relpath}.pt"
+        target = self._file(relpath)
         target.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, target)
 
     def load(self, relpath: str, map_location: Any = None) -> Any:
-        return load_weights_only(self.directory / f"{relpath}.pt", map_location)
+        return load_weights_only(self._file(relpath), map_location)
+
+    def has(self, relpath: str) -> bool:
+        return self._file(relpath).is_file()
+
+    def _file(self, relpath: str) -> Path:
+        path = self.directory / relpath
+        return path if path.suffix else path.with_name(path.name + ".pt")
