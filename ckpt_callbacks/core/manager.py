@@ -25,6 +25,7 @@ from ckpt_callbacks.core.capture import RNG_STATE, capture, git_commit, library_
 from ckpt_callbacks.core.collective import Collective, default_collective
 from ckpt_callbacks.core.durable import remove_tree_quietly, write_bytes_durably
 from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
+from ckpt_callbacks.core.policy import SavePolicy
 from ckpt_callbacks.core.manifest import Manifest, describe_files, find_problems, parse_manifest
 from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
@@ -155,6 +156,7 @@ class CheckpointManager:
         self.collective = collective if collective is not None else default_collective()
         self.metric_rule = _metric_rule(self.args)
         self.best_tracker = BestTracker(self.metric_rule)
+        self.policy = SavePolicy(self.args, self.best_tracker)
         self.retention = RetentionPolicy(self.args.save_total_limit, self.args.save_best_limit, self.metric_rule)
         self.last_save: SaveStats | None = None
         self.resumed_from_step: int | None = None
@@ -169,6 +171,19 @@ class CheckpointManager:
         self._refresh_best()
 
     # ----------------------------------------------------------------- saving
+
+    def should_save_step(self, step: int, *, max_steps: int | None = None) -> bool:
+        """Whether `save_strategy`/`save_steps`/`save_time_interval` call for a save after optimizer step `step`."""
+        if max_steps is not None:
+            self.policy.set_max_steps(max_steps)
+        return self.policy.on_step_end(step)
+
+    def should_save_epoch(self) -> bool:
+        return self.policy.on_epoch_end()
+
+    def should_save_evaluation(self, metrics: Mapping[str, float], step: int) -> bool:
+        """Record an evaluation for best tracking; True when `save_strategy="best"` and it is a new best."""
+        return self.policy.on_evaluate(metrics, step)
 
     def begin(self, step: int, *, epoch: float | None = None) -> Transaction:
         """Open the checkpoint of `step`; commit it with `commit()` or by leaving a `with` block cleanly."""
@@ -240,6 +255,7 @@ class CheckpointManager:
             if not self.args.save_only_model:
                 pieces[self._rng_piece()] = capture_rng_state()
             self.best_tracker.observe(tx.metrics, tx.step)
+            self.policy.record_save(tx.step)
             started = tx._started
             job = _CommitJob(self, tx.step, tx.epoch, pieces, dict(tx.metrics), dict(tx.metadata), started)
             self._save_count += 1
