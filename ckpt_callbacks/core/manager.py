@@ -309,7 +309,7 @@ class CheckpointManager:
         ranked = self.metric_rule.ranked(scored)
         return infos[ranked[0]] if ranked else None
 
-    def _read_info(self, name: str) -> CheckpointInfo | None:
+    def _read_info(self, name: str, *, check_sizes: bool = True) -> CheckpointInfo | None:
         data = self.store.read_manifest(name)
         if data is None:
             return None
@@ -319,7 +319,7 @@ class CheckpointManager:
         except CheckpointError as exc:
             logger.warning("Ignoring %s: %s", name, exc)
             return None
-        if path is not None and find_problems(path, manifest, "size"):
+        if check_sizes and path is not None and find_problems(path, manifest, "size"):
             logger.warning("Ignoring %s: files missing or of the wrong size", name)
             return None
         location = str(path) if path is not None else f"{self.store.root.rstrip('/')}/{name}"
@@ -403,7 +403,8 @@ class CheckpointManager:
                 raise CheckpointNotFoundError(f"No committed checkpoint in {self.store.root}.", path=self.store.root)
             return latest
         if isinstance(checkpoint, int):
-            info = self._read_info(layout.checkpoint_name(checkpoint))
+            # An explicit step is looked up even when damaged, so that loading it reports what is wrong.
+            info = self._read_info(layout.checkpoint_name(checkpoint), check_sizes=False)
             if info is None:
                 raise CheckpointNotFoundError(
                     f"No committed checkpoint of step {checkpoint} in {self.store.root}.", path=self.store.root, step=checkpoint
