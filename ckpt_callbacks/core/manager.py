@@ -9,6 +9,7 @@ training framework; adapters and plain loops call it the same way.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import os
 import time
@@ -25,8 +26,8 @@ from ckpt_callbacks.core.capture import RNG_STATE, capture, git_commit, library_
 from ckpt_callbacks.core.collective import Collective, default_collective
 from ckpt_callbacks.core.durable import remove_tree_quietly, write_bytes_durably
 from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
-from ckpt_callbacks.core.policy import SavePolicy
 from ckpt_callbacks.core.manifest import Manifest, describe_files, find_problems, parse_manifest
+from ckpt_callbacks.core.policy import SavePolicy
 from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
 from ckpt_callbacks.core.staging import HostStager
@@ -414,12 +415,12 @@ class CheckpointManager:
 
     # -------------------------------------------------------------- retention
 
-    def prune(self, keep_last: int | None = None, keep_best: int | None = None) -> list[int]:
+    def prune(self, keep_last: int | None = None, keep_best: int | None = None) -> builtins.list[int]:
         """Apply a retention policy now (the CLI's `prune`); returns the deleted steps."""
         policy = RetentionPolicy(keep_last, keep_best, self.metric_rule)
         return self._apply_retention(policy)
 
-    def _apply_retention(self, policy: RetentionPolicy) -> list[int]:
+    def _apply_retention(self, policy: RetentionPolicy) -> builtins.list[int]:
         infos = self.list()
         candidates = [RetentionCandidate(info.step, self.metric_rule.value_in(info.metrics)) for info in infos]
         protected = {self.resumed_from_step} if self.resumed_from_step is not None else set()

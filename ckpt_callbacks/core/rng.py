@@ -18,7 +18,7 @@ def capture_rng_state() -> dict[str, Any]:
     """The state of every random generator this process uses."""
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": _numpy_state_to_portable(np.random.get_state()),
+        "numpy": _numpy_state_to_portable(tuple(np.random.get_state(legacy=True))),
         "cpu": torch.random.get_rng_state(),
     }
     if torch.cuda.is_available():

@@ -74,7 +74,7 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     if cpu.device.type != "cpu":
         cpu = cpu.cpu()
     cpu = cpu.contiguous()
-    return memoryview(cpu.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(cpu.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
 def read_safetensors(path: Path, map_location: Any = None) -> dict[str, torch.Tensor]:
@@ -107,7 +107,7 @@ def view_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int
     """
     if tensor.numel() == 0 or tensor.device.type == "meta":
         return None
-    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+    return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
 def unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -9,7 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_callbacks import CheckpointArguments, CheckpointCorruptError, CheckpointManager, CheckpointNotFoundError
+from ckpt_callbacks import (
+    CheckpointArguments,
+    CheckpointCorruptError,
+    CheckpointManager,
+    CheckpointNotFoundError,
+)
 from ckpt_callbacks.core.manifest import checksum_file
 
 from ..conftest import TinyNet
