@@ -1,0 +1,93 @@
+"""Which flags the HF adapter runs with: the Trainer's `TrainingArguments`, overridden by the user's.
+
+`CheckpointCallback()` with no arguments checkpoints exactly as the Trainer was
+configured to; flags given to the callback win. This module also decides who
+chooses the save steps: the Trainer's own flow (when the flags agree, which
+keeps the stock timing rules, final-step save included) or the core's
+`SavePolicy` (when the user overrode the strategy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from ckpt_callbacks.config import CheckpointArguments, infer_greater_is_better, normalize_metric_name
+
+# The save flags TrainingArguments has under the same name and meaning.
+TRAINER_FLAGS = (
+    "save_strategy",
+    "save_steps",
+    "save_total_limit",
+    "metric_for_best_model",
+    "greater_is_better",
+    "load_best_model_at_end",
+    "save_only_model",
+)
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(CheckpointArguments))
+
+
+def check_flag_names(flags: Mapping[str, Any]) -> None:
+    """Reject unknown keyword flags at construction, listing the valid ones."""
+    unknown = sorted(set(flags) - _FIELD_NAMES)
+    if unknown:
+        raise TypeError(
+            f"CheckpointCallback got unknown flag(s) {', '.join(unknown)}. "
+            f"Valid flags are the CheckpointArguments fields: {', '.join(sorted(_FIELD_NAMES))}."
+        )
+
+
+def flags_from_training_args(training_args: Any) -> dict[str, Any]:
+    """The save flags of a `TrainingArguments`, in `CheckpointArguments` terms."""
+    limit = training_args.save_total_limit
+    return {
+        "save_strategy": _enum_value(training_args.save_strategy),
+        "save_steps": training_args.save_steps,
+        # TrainingArguments treats None and values <= 0 alike: keep everything.
+        "save_total_limit": limit if limit is not None and limit > 0 else None,
+        "metric_for_best_model": training_args.metric_for_best_model,
+        "greater_is_better": training_args.greater_is_better,
+        "load_best_model_at_end": training_args.load_best_model_at_end,
+        "save_only_model": training_args.save_only_model,
+    }
+
+
+def resolve_arguments(training_args: Any, overrides: Mapping[str, Any]) -> CheckpointArguments:
+    """The flags the callback runs with: the Trainer's, then the user's on top (validated together)."""
+    return CheckpointArguments(**{**flags_from_training_args(training_args), **overrides})
+
+
+def policy_decides(effective: CheckpointArguments, training_args: Any) -> bool:
+    """True when the user's save timing differs from the Trainer's, so the core's SavePolicy must decide.
+
+    Raises when the Trainer's `best` strategy would overrule the policy: the stock loop sets
+    `control.should_save` from its own metric after every evaluation, after every callback has run.
+    """
+    trainer_flags = flags_from_training_args(training_args)
+    differs = _timing(vars(effective)) != _timing(trainer_flags)
+    if differs and trainer_flags["save_strategy"] == "best":
+        raise ValueError(
+            f"TrainingArguments(save_strategy='best') decides saves after every evaluation and would overrule "
+            f"CheckpointCallback(save_strategy={effective.save_strategy!r}, metric_for_best_model="
+            f"{effective.metric_for_best_model!r}). Set TrainingArguments(save_strategy='no') and let the callback "
+            "decide, or give both the same strategy and metric."
+        )
+    return differs
+
+
+def _timing(flags: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What decides at which steps a checkpoint is written."""
+    strategy = flags["save_strategy"]
+    if strategy == "steps":
+        return ("steps", float(flags["save_steps"]))
+    if strategy == "best":
+        metric = flags["metric_for_best_model"]
+        key = normalize_metric_name(metric) if metric else None
+        greater = flags["greater_is_better"]
+        return ("best", key, infer_greater_is_better(key or "loss") if greater is None else greater)
+    return (strategy,)
+
+
+def _enum_value(value: Any) -> Any:
+    return getattr(value, "value", value)

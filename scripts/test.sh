@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole test suite, then the linters.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/ruff check ckpt_callbacks tests examples benchmarks
+.venv/bin/mypy ckpt_callbacks
