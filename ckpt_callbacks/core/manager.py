@@ -314,16 +314,18 @@ class CheckpointManager:
         data = self.store.read_manifest(name)
         if data is None:
             return None
-        path = self.store.local_dir(name) if isinstance(self.store, LocalStore) else None
         try:
             manifest = parse_manifest(data, source=f"{name}/{layout.MANIFEST_NAME}")
         except CheckpointError as exc:
             logger.warning("Ignoring %s: %s", name, exc)
             return None
-        if check_sizes and path is not None and find_problems(path, manifest, "size"):
+        if check_sizes and not self.store.sizes_match(name, manifest):
             logger.warning("Ignoring %s: files missing or of the wrong size", name)
             return None
-        location = str(path) if path is not None else f"{self.store.root.rstrip('/')}/{name}"
+        if isinstance(self.store, LocalStore):
+            location = str(self.store.local_dir(name))
+        else:
+            location = f"{self.store.root.rstrip('/')}/{name}"
         return _info(manifest, location)
 
     def _refresh_best(self) -> None:

@@ -17,6 +17,7 @@ from typing import IO, Any
 
 from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.durable import fsync_dir, fsync_tree, remove_tree_quietly
+from ckpt_callbacks.core.manifest import Manifest, find_problems
 from ckpt_callbacks.errors import CheckpointError, CheckpointWriteError
 
 
@@ -48,6 +49,10 @@ class CheckpointStore(ABC):
     @abstractmethod
     def local_dir(self, name: str) -> Path:
         """A local folder holding checkpoint `name`'s files (downloaded first for remote stores)."""
+
+    @abstractmethod
+    def sizes_match(self, name: str, manifest: Manifest) -> bool:
+        """Whether every file the manifest lists exists with its recorded size (cheap: no reading)."""
 
     def clean_leftovers(self) -> list[str]:
         """Delete staging and trash folders of earlier, interrupted writers; return their names."""
@@ -111,6 +116,9 @@ class LocalStore(CheckpointStore):
 
     def local_dir(self, name: str) -> Path:
         return self.path / name
+
+    def sizes_match(self, name: str, manifest: Manifest) -> bool:
+        return not find_problems(self.path / name, manifest, "size")
 
     def clean_leftovers(self) -> list[str]:
         removed = [name for name in self.list_names() if layout.is_leftover(name) and (self.path / name).is_dir()]

@@ -1,0 +1,118 @@
+"""Checkpoints on any fsspec file system (`s3://`, `gs://`, `memory://`, ...).
+
+Object stores have no atomic rename, so visibility comes from the manifest:
+a checkpoint is staged in a local folder, every data file is uploaded, and
+`manifest.json` is uploaded last. Readers (`list`, `latest`, `load`) trust only
+checkpoints whose manifest exists and whose files match it, so an interrupted
+upload is invisible. Deletion removes the manifest first for the same reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from ckpt_callbacks.core import layout
+from ckpt_callbacks.core.durable import remove_tree_quietly
+from ckpt_callbacks.core.manifest import Manifest
+from ckpt_callbacks.core.store import CheckpointStore
+from ckpt_callbacks.errors import CheckpointWriteError
+
+
+class FsspecStore(CheckpointStore):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, cache_dir: str | None = None) -> None:
+        self.fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.base = path.rstrip("/")
+        self.root = url.rstrip("/")
+        self._cache = Path(cache_dir or tempfile.mkdtemp(prefix="ckpt_callbacks-cache-"))
+
+    def _remote(self, *parts: str) -> str:
+        return "/".join((self.base, *parts))
+
+    def list_names(self) -> list[str]:
+        try:
+            entries = self.fs.ls(self.base, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(str(entry).rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
+    def read_manifest(self, name: str) -> bytes | None:
+        try:
+            return bytes(self.fs.cat_file(self._remote(name, layout.MANIFEST_NAME)))
+        except FileNotFoundError:
+            return None
+
+    def sizes_match(self, name: str, manifest: Manifest) -> bool:
+        try:
+            found = self.fs.find(self._remote(name), detail=True, withdirs=False)
+        except FileNotFoundError:
+            return False
+        prefix = self._remote(name) + "/"
+        sizes = {str(path).removeprefix(prefix): int(info["size"]) for path, info in found.items()}
+        return all(sizes.get(entry.path) == entry.size for entry in manifest.files)
+
+    def new_staging_dir(self, step: int) -> Path:
+        staging = self._cache / layout.staging_name(step)
+        staging.mkdir(parents=True)
+        return staging
+
+    def publish(self, staging_dir: Path, name: str) -> None:
+        if self.read_manifest(name) is not None:
+            self.delete(name)  # re-saving a step: retire the old one first, invisibly
+        files = sorted(p for p in staging_dir.rglob("*") if p.is_file() and p.name != layout.MANIFEST_NAME)
+        try:
+            for path in files:
+                self.fs.put_file(str(path), self._remote(name, path.relative_to(staging_dir).as_posix()))
+            # The manifest goes last: its arrival is the commit.
+            self.fs.put_file(str(staging_dir / layout.MANIFEST_NAME), self._remote(name, layout.MANIFEST_NAME))
+        except OSError as exc:
+            raise CheckpointWriteError(
+                f"Could not upload {name} to {self.root}: {exc}. The partial upload has no manifest, so it is "
+                "invisible; it is removed by the next save. Earlier checkpoints are untouched.",
+                path=f"{self.root}/{name}",
+            ) from exc
+        finally:
+            remove_tree_quietly(staging_dir)
+        self.fs.invalidate_cache(self.base)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.fs.rm_file(self._remote(name, layout.MANIFEST_NAME))
+        except FileNotFoundError:
+            pass
+        try:
+            self.fs.rm(self._remote(name), recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache(self.base)
+
+    def local_dir(self, name: str) -> Path:
+        """Download the checkpoint into the local cache (once) and return that folder."""
+        local = self._cache / name
+        manifest = self.read_manifest(name)
+        cached = local / layout.MANIFEST_NAME
+        if cached.is_file() and manifest is not None and cached.read_bytes() == manifest:
+            return local
+        shutil.rmtree(local, ignore_errors=True)
+        local.mkdir(parents=True)
+        for path in self.fs.find(self._remote(name), withdirs=False):
+            relative = str(path).removeprefix(self._remote(name) + "/")
+            target = local / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(path, str(target))
+        return local
+
+    def clean_leftovers(self) -> list[str]:
+        """Remove interrupted uploads: `checkpoint-*` prefixes that never received their manifest."""
+        removed = []
+        for name in self.list_names():
+            if layout.parse_checkpoint_step(name) is not None and self.read_manifest(name) is None:
+                self.fs.rm(self._remote(name), recursive=True)
+                removed.append(name)
+        for leftover in self._cache.glob(f"{layout.STAGING_PREFIX}*"):
+            remove_tree_quietly(leftover)
+        return removed
