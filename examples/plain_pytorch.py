@@ -76,7 +76,7 @@ def main() -> None:
     except Interrupted as exc:
         print(exc)
     resumed = train(f"{output_dir}/run", resume=True)
-    same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), resumed.state_dict().values()))
+    same = all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), resumed.state_dict().values(), strict=True))
     print(f"final weights equal to the uninterrupted run: {same}")
     if not same:
         raise SystemExit(1)

@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
-.venv/bin/ruff check ckpt_callbacks tests examples benchmarks
+.venv/bin/ruff check .
 .venv/bin/mypy ckpt_callbacks
