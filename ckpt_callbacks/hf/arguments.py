@@ -42,7 +42,7 @@ def flags_from_training_args(training_args: Any) -> dict[str, Any]:
     """The save flags of a `TrainingArguments`, in `CheckpointArguments` terms."""
     limit = training_args.save_total_limit
     return {
-        "save_strategy": _enum_value(training_args.save_strategy),
+        "save_strategy": enum_value(training_args.save_strategy),
         "save_steps": training_args.save_steps,
         # TrainingArguments treats None and values <= 0 alike: keep everything.
         "save_total_limit": limit if limit is not None and limit > 0 else None,
@@ -89,5 +89,6 @@ def _timing(flags: Mapping[str, Any]) -> tuple[Any, ...]:
     return (strategy,)
 
 
-def _enum_value(value: Any) -> Any:
+def enum_value(value: Any) -> Any:
+    """The string of a transformers enum flag (SaveStrategy.STEPS -> 'steps'); strings pass through."""
     return getattr(value, "value", value)

@@ -1,0 +1,327 @@
+"""`CheckpointCallback`: transformers.Trainer events mapped onto the core.
+
+The callback decides nothing about bytes: it builds the stock checkpoint pieces
+in memory (`capture.py`) and hands them to `CheckpointManager`, which stages,
+writes (through the `hf` engine, in the stock layout), commits atomically and
+applies retention. When to save comes from the Trainer's own flow when the
+flags agree with `TrainingArguments`, and from the core's `SavePolicy` when the
+user overrode them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ckpt_callbacks.config import CheckpointArguments
+from ckpt_callbacks.core import layout
+from ckpt_callbacks.core.best import BestTracker
+from ckpt_callbacks.core.export import export_safetensors
+from ckpt_callbacks.core.manager import CheckpointManager, SaveStats
+from ckpt_callbacks.core.policy import SavePolicy
+from ckpt_callbacks.core.signals import PreemptionFlag
+from ckpt_callbacks.hf import trainer_hooks
+from ckpt_callbacks.hf.arguments import check_flag_names, enum_value, policy_decides, resolve_arguments
+from ckpt_callbacks.hf.capture import (
+    checkpoint_pieces,
+    model_state_dict,
+    pretrained_objects,
+    processing_class_of,
+    unwrapped_model,
+)
+
+logger = logging.getLogger("ckpt_callbacks.hf")
+
+DEFAULT_ENGINE = "hf"
+_TRACKED_BY_TRAINER = ("steps", "epoch", "best")  # strategies under which the Trainer sets best_global_step
+
+
+class CheckpointCallback(TrainerCallback):
+    """Exact, atomic, asynchronous checkpoints for a `transformers.Trainer`, in the stock layout.
+
+    Example:
+        >>> trainer = Trainer(model=model, args=training_args, train_dataset=ds, callbacks=[CheckpointCallback()])
+        >>> trainer.train(resume_from_checkpoint=True)   # stock resume, bit-exact
+
+    With no arguments the save flags come from the Trainer's `TrainingArguments`; a `CheckpointArguments`
+    or keyword flags (`CheckpointCallback(save_steps=50, async_save=False)`) override them. Pass
+    `trainer=` when the callback is added after the Trainer was built and before `train()`; otherwise the
+    Trainer is found when it fires `on_init_end` or `on_train_begin`.
+    """
+
+    def __init__(self, args: CheckpointArguments | None = None, *, trainer: Any = None, **flags: Any) -> None:
+        if args is not None and flags:
+            raise TypeError("Pass either a CheckpointArguments or keyword flags to CheckpointCallback, not both.")
+        check_flag_names(flags)
+        self._overrides = args.non_default_fields() if args is not None else dict(flags)
+        self.args: CheckpointArguments | None = None
+        self.trainer: Any = None
+        self.manager: CheckpointManager | None = None
+        self.policy: SavePolicy | None = None
+        self.preemption = PreemptionFlag()
+        self.export_dir: str | None = None
+        self._policy_decides = False
+        self._last_eval: tuple[int, dict[str, Any]] | None = None
+        self._saved_steps: set[int] = set()
+        self._reported: tuple[int, bool] | None = None  # (step, total time reported) of the last save logged
+        self._warned_missing_metric = False
+        if trainer is not None:
+            self.attach(trainer)
+
+    # ------------------------------------------------------------------ attaching
+
+    def attach(self, trainer: Any) -> None:
+        """Take over checkpointing of `trainer` (idempotent). Raises on flags the Trainer would overrule."""
+        if self.trainer is trainer:
+            return
+        if self.trainer is not None:
+            raise ValueError("This CheckpointCallback already serves another Trainer: create one callback per Trainer.")
+        _check_supported(trainer)
+        self.args = resolve_arguments(trainer.args, self._overrides)
+        self._policy_decides = policy_decides(self.args, trainer.args)
+        self.trainer = trainer
+        trainer_hooks.shadow_save_checkpoint(trainer, self._save_checkpoint)
+        trainer_hooks.call_on_train_failure(trainer, self._on_train_failure)
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._attach_from_stack()
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._attach_from_stack()
+        self._start_run(state)
+
+    def _attach_from_stack(self) -> None:
+        if self.trainer is not None:
+            return
+        trainer = trainer_hooks.find_trainer(self)
+        if trainer is None:
+            raise RuntimeError(
+                "CheckpointCallback could not find its Trainer. Pass it explicitly: CheckpointCallback(trainer=trainer) "
+                "or callback.attach(trainer) before trainer.train()."
+            )
+        self.attach(trainer)
+
+    # ------------------------------------------------------------------ run lifecycle
+
+    def _start_run(self, state: TrainerState) -> None:
+        self._finish_run()  # a previous train() call of the same Trainer
+        assert self.args is not None
+        manager = self._manager_for(self._run_dir(trial=None))
+        self.policy = SavePolicy(self.args, BestTracker(manager.metric_rule))
+        self.policy.set_max_steps(state.max_steps)
+        committed = manager.list()
+        self._saved_steps = {info.step for info in committed}
+        if state.global_step > 0:
+            # Resumed: never rotate away the checkpoint this run started from, and remember its best.
+            manager.resumed_from_step = state.global_step
+            best = manager.best()
+            if best is not None and (value := manager.metric_rule.value_in(best.metrics)) is not None:
+                self.policy.best.reset_from([(best.step, value)])  # type: ignore[union-attr]
+        self.preemption = PreemptionFlag()
+        if self.args.save_on_signal:
+            self.preemption.install()
+
+    def _finish_run(self) -> None:
+        """Flush pending writes and release the output folder; raises a background write error."""
+        self.preemption.uninstall()
+        manager, self.manager = self.manager, None
+        if manager is not None:
+            manager.close()
+
+    def _on_train_failure(self) -> None:
+        # Training raised: make the checkpoints already submitted durable, then let the original error surface.
+        try:
+            self._finish_run()
+        except Exception:
+            logger.exception("A checkpoint write failed while training was failing; the newest checkpoint may be missing.")
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        assert self.args is not None and self.manager is not None
+        self.manager.wait()
+        if self.preemption.requested:
+            logger.warning(
+                "Stopped on signal %s after saving checkpoint-%d; skipped best-model loading and export. "
+                "Resume with trainer.train(resume_from_checkpoint=True).", self.preemption.received, state.global_step,
+            )
+        else:
+            if self.args.load_best_model_at_end and not args.load_best_model_at_end:
+                self._load_best_model()  # the stock Trainer does it itself when its own flag is set
+            if self.args.export_at_end and args.should_save:
+                self._export()
+        self._finish_run()
+
+    # ------------------------------------------------------------------ when to save
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.policy is None:
+            return
+        if self._policy_decides:
+            # Runs after DefaultFlowCallback, so this replaces the stock decision for this step.
+            control.should_save = self.policy.on_step_end(state.global_step)
+        elif self.policy.time_interval_elapsed():
+            control.should_save = True
+        if self.preemption.requested:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.policy is not None and self._policy_decides:
+            control.should_save = self.policy.on_epoch_end()
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        metrics: Mapping[str, Any] | None = None, **kwargs: Any,
+    ) -> None:
+        if self.policy is None or metrics is None:
+            return  # an evaluation outside train()
+        self._last_eval = (state.global_step, dict(metrics))
+        self._warn_if_metric_missing(metrics)
+        is_due = self.policy.on_evaluate(metrics, state.global_step)
+        if self._policy_decides and is_due:
+            control.should_save = True
+
+    def _warn_if_metric_missing(self, metrics: Mapping[str, Any]) -> None:
+        assert self.args is not None and self.manager is not None
+        if self.args.metric_for_best_model is None or self._warned_missing_metric:
+            return
+        if self.manager.metric_rule.value_in(metrics) is None:
+            self._warned_missing_metric = True
+            logger.warning(
+                "metric_for_best_model=%r is not among the evaluation metrics (%s): best tracking and "
+                "save_strategy='best' ignore this evaluation. Set metric_for_best_model to one of them.",
+                self.args.metric_for_best_model, ", ".join(sorted(metrics)),
+            )
+
+    # ------------------------------------------------------------------ saving
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Replaces `Trainer._save_checkpoint` on the instance: same call, same effects, written by the core."""
+        trainer, state = self.trainer, self.trainer.state
+        run_dir = self._run_dir(trial)
+        manager = self._manager_for(run_dir)
+        step = state.global_step
+        pieces = checkpoint_pieces(trainer, trial, best_checkpoint=self._best_checkpoint_dir(run_dir, step))
+        manager.save(step, pieces, metrics=self._metrics_at(step), epoch=state.epoch)
+        self._saved_steps.add(step)
+        if self.policy is not None:
+            self.policy.record_save(step)
+        if trainer.control.should_training_stop:
+            # The stock end of training reads and prunes checkpoint folders right after this.
+            manager.wait()
+
+    def _best_checkpoint_dir(self, run_dir: str, step: int) -> str | None:
+        """`state.best_model_checkpoint` as the stock saver sets it: the best step's folder, once it exists."""
+        best_step = self._best_step()
+        if best_step and (best_step == step or best_step in self._saved_steps):
+            return os.path.join(run_dir, layout.checkpoint_name(best_step))
+        return None
+
+    def _best_step(self) -> int | None:
+        trainer_args = self.trainer.args
+        trainer_tracks = trainer_args.metric_for_best_model is not None and enum_value(trainer_args.save_strategy) in _TRACKED_BY_TRAINER
+        if trainer_tracks:
+            return self.trainer.state.best_global_step
+        return self.policy.best.best_step if self.policy is not None and self.policy.best is not None else None
+
+    def _metrics_at(self, step: int) -> dict[str, Any] | None:
+        """The evaluation of exactly these weights, if one ran at this step: it ranks the checkpoint."""
+        if self._last_eval is not None and self._last_eval[0] == step:
+            return self._last_eval[1]
+        return None
+
+    def _run_dir(self, trial: Any) -> str:
+        assert self.args is not None
+        return self.args.output_dir or self.trainer._get_output_dir(trial=trial)
+
+    def _manager_for(self, run_dir: str) -> CheckpointManager:
+        """The manager of `run_dir` (a hyperparameter-search trial gets its own folder, hence its own manager)."""
+        assert self.args is not None
+        if self.manager is not None and self.manager.args.output_dir == run_dir:
+            return self.manager
+        if self.manager is not None:
+            self.manager.close()
+        # save_only_model is applied here by leaving out the training state; the manager must still write
+        # trainer_state.json and the config files, which its own save_only_model would drop.
+        manager_args = self.args.replace(output_dir=run_dir, save_only_model=False)
+        self.manager = CheckpointManager(manager_args, engine=self.args.engine or DEFAULT_ENGINE)
+        return self.manager
+
+    # ------------------------------------------------------------------ reporting
+
+    def on_log(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+        logs: dict[str, Any] | None = None, **kwargs: Any,
+    ) -> None:
+        if self.manager is None:
+            return
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            # Last log before the stock end of training loads the best checkpoint and prunes folders.
+            self.manager.wait()
+        stats = self._unreported_save_stats()
+        if stats and logs is not None:
+            logs.update(stats)
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(stats)  # Trainer.log appended its copy just before on_log
+
+    def _unreported_save_stats(self) -> dict[str, float]:
+        assert self.manager is not None
+        last = self.manager.last_save
+        if last is None or self._reported == (last.step, True):
+            return {}
+        finished = last.total_seconds is not None
+        if self._reported == (last.step, False) and not finished:
+            return {}
+        self._reported = (last.step, finished)
+        return save_stats_for_log(last)
+
+    # ------------------------------------------------------------------ end of training
+
+    def _load_best_model(self) -> None:
+        assert self.manager is not None
+        best = self.manager.best()
+        if best is None:
+            logger.warning(
+                "load_best_model_at_end: no checkpoint was saved with an evaluation of %r; keeping the final weights. "
+                "Evaluate at the save steps (eval_strategy/eval_steps matching the saves).",
+                self.manager.metric_rule.key,
+            )
+            return
+        self.manager.load(best, {"model": unwrapped_model(self.trainer)}, restore_rng=False)
+        logger.info("Loaded the best weights from %s (%s).", best.path, best.metrics)
+
+    def _export(self) -> None:
+        assert self.args is not None and self.manager is not None
+        export_dir = self.args.export_dir or os.path.join(self.manager.store.root, "export")
+        if "://" in export_dir:
+            logger.warning("export_at_end: %s is not a local folder; set export_dir to a local path.", export_dir)
+            return
+        model = unwrapped_model(self.trainer)
+        export_safetensors(
+            model_state_dict(model), export_dir, max_shard_size=self.args.max_shard_size,
+            pretrained_objects=pretrained_objects(model, processing_class_of(self.trainer)),
+        )
+        self.export_dir = export_dir
+        logger.info("Exported the final model to %s.", export_dir)
+
+
+def save_stats_for_log(stats: SaveStats) -> dict[str, float]:
+    """What the last save cost, as Trainer log keys: time training waited, time until durable, throughput."""
+    logs = {"ckpt_save_blocking_s": round(stats.blocking_seconds, 4)}
+    if stats.total_seconds is not None:
+        logs["ckpt_save_total_s"] = round(stats.total_seconds, 4)
+        if stats.total_seconds > 0 and stats.bytes_written:
+            logs["ckpt_save_MBps"] = round(stats.bytes_written / 1e6 / stats.total_seconds, 2)
+    return logs
+
+
+def _check_supported(trainer: Any) -> None:
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        raise ValueError(
+            "CheckpointCallback does not support DeepSpeed or FSDP yet (their optimizer state is sharded). "
+            "Remove the callback to use the Trainer's own checkpointing for this run."
+        )
+
