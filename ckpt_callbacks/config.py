@@ -105,6 +105,11 @@ class CheckpointArguments:
     max_in_flight: int = field(
         default=1, metadata={"help": "Async saves allowed in flight at once (each holds one staged copy in host memory)."}
     )
+    on_save_error: str = field(
+        default="raise",
+        metadata={"help": "A failed save: 'raise' stops training with the error; 'warn' logs it and training goes on.",
+                  "choices": ["raise", "warn"]},
+    )
     fallback_to_verified: bool = field(
         default=False,
         metadata={"help": "When the newest checkpoint fails verification, resume from the newest one that verifies (logged)."},
@@ -147,6 +152,8 @@ class CheckpointArguments:
             raise ValueError(
                 f"verify_on_load={self.verify_on_load!r} is not supported. Use one of {', '.join(VERIFY_MODES)}."
             )
+        if self.on_save_error not in ("raise", "warn"):
+            raise ValueError(f"on_save_error={self.on_save_error!r} is not supported. Use 'raise' or 'warn'.")
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight={self.max_in_flight} must be >= 1.")
         parse_size(self.max_shard_size)

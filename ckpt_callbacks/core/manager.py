@@ -13,7 +13,7 @@ import builtins
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +28,7 @@ from ckpt_callbacks.core.durable import remove_tree_quietly, write_bytes_durably
 from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
 from ckpt_callbacks.core.manifest import Manifest, describe_files, find_problems, parse_manifest
 from ckpt_callbacks.core.policy import SavePolicy
+from ckpt_callbacks.core.signals import PreemptionFlag
 from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
 from ckpt_callbacks.core.staging import HostStager
@@ -158,6 +159,7 @@ class CheckpointManager:
         self.metric_rule = _metric_rule(self.args)
         self.best_tracker = BestTracker(self.metric_rule)
         self.policy = SavePolicy(self.args, self.best_tracker)
+        self.preemption = PreemptionFlag()
         self.retention = RetentionPolicy(self.args.save_total_limit, self.args.save_best_limit, self.metric_rule)
         self.last_save: SaveStats | None = None
         self.resumed_from_step: int | None = None
@@ -174,10 +176,23 @@ class CheckpointManager:
     # ----------------------------------------------------------------- saving
 
     def should_save_step(self, step: int, *, max_steps: int | None = None) -> bool:
-        """Whether `save_strategy`/`save_steps`/`save_time_interval` call for a save after optimizer step `step`."""
+        """Whether `save_strategy`/`save_steps`/`save_time_interval`, or a preemption signal received since
+        `handle_signals()`, call for a save after optimizer step `step`."""
         if max_steps is not None:
             self.policy.set_max_steps(max_steps)
-        return self.policy.on_step_end(step)
+        return self.policy.on_step_end(step) or self.preempted
+
+    def handle_signals(self) -> PreemptionFlag:
+        """For plain loops: from now on SIGTERM/SIGUSR1 only set `preempted` (when `save_on_signal`), so the
+        loop saves at the next step boundary and stops: `if manager.preempted: break`. A second signal of the
+        same kind is not caught again: it ends the process as usual."""
+        if self.args.save_on_signal:
+            self.preemption.install()
+        return self.preemption
+
+    @property
+    def preempted(self) -> bool:
+        return self.preemption.requested
 
     def should_save_epoch(self) -> bool:
         return self.policy.on_epoch_end()
@@ -197,7 +212,7 @@ class CheckpointManager:
         if step < 0:
             raise ValueError(f"step={step} must be >= 0.")
         # Surface an earlier background failure and wait for a free staging buffer before copying anything.
-        self._writer._raise_first_failure(block_until=self.args.max_in_flight - 1)
+        self._report_failures(lambda: self._writer._raise_first_failure(block_until=self.args.max_in_flight - 1))
         self._open_transaction = Transaction(self, step, epoch)
         return self._open_transaction
 
@@ -220,14 +235,23 @@ class CheckpointManager:
                 tx.metadata.update(metadata)
 
     def wait(self) -> None:
-        """Block until every async save is durable; raise if one failed."""
-        self._writer.wait()
+        """Block until every async save is durable; raise if one failed (log it with `on_save_error="warn"`)."""
+        self._report_failures(self._writer.wait)
+
+    def _report_failures(self, operation: Callable[[], None]) -> None:
+        try:
+            operation()
+        except CheckpointError as exc:
+            if self.args.on_save_error != "warn":
+                raise
+            logger.error("A checkpoint save failed; training goes on (on_save_error='warn'): %s", exc)
 
     def close(self) -> None:
         """Flush pending saves and release the output folder."""
         try:
-            self._writer.close()
+            self._report_failures(self._writer.close)
         finally:
+            self.preemption.uninstall()
             self.store.release_writer_lock()
 
     def __enter__(self) -> CheckpointManager:
@@ -264,10 +288,17 @@ class CheckpointManager:
             if self._async:
                 self._writer.submit(job)
             else:
-                job()
+                self._report_failures(job)
             self.last_save.blocking_seconds = time.perf_counter() - started
         finally:
             self._close_transaction(tx)
+
+    def _expected_size(self) -> int:
+        """Bytes the next checkpoint will likely need: the size of the last one committed."""
+        if self.last_save is not None and self.last_save.bytes_written:
+            return self.last_save.bytes_written
+        latest = self.latest()
+        return latest.size if latest is not None else 0
 
     def _rng_piece(self) -> str:
         return RNG_STATE if self.collective.world_size == 1 else f"{RNG_STATE}_{self.collective.rank}"
@@ -427,9 +458,16 @@ class CheckpointManager:
         candidates = [RetentionCandidate(info.step, self.metric_rule.value_in(info.metrics)) for info in infos]
         protected = {self.resumed_from_step} if self.resumed_from_step is not None else set()
         doomed = policy.steps_to_delete(candidates, protected)
+        deleted = []
         for step in doomed:
-            self.store.delete(layout.checkpoint_name(step))
-        return doomed
+            try:
+                self.store.delete(layout.checkpoint_name(step))
+            except OSError as exc:
+                # The new checkpoint is committed; an old one that cannot be deleted costs disk space, not safety.
+                logger.error("Could not delete %s for save_total_limit/save_best_limit: %s", layout.checkpoint_name(step), exc)
+                continue
+            deleted.append(step)
+        return deleted
 
 
 @dataclass
@@ -448,7 +486,12 @@ class _CommitJob:
         manager = self.manager
         collective = manager.collective
         manager._prepare_for_writing()
-        staging = manager.store.new_staging_dir(self.step) if collective.rank == 0 else None
+        if collective.rank == 0:
+            manager.store.check_free_space(manager._expected_size())
+        try:
+            staging = manager.store.new_staging_dir(self.step) if collective.rank == 0 else None
+        except OSError as exc:
+            raise write_error(exc, Path(exc.filename or manager.store.root), f"start checkpoint-{self.step}") from exc
         staging = collective.broadcast_object(staging)
         assert staging is not None
         try:

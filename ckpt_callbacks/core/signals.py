@@ -40,6 +40,10 @@ class PreemptionFlag:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received = signum
+        # A second signal of the same kind gets the previous behaviour (usually: terminate), so an
+        # impatient scheduler or user can still end the process.
+        previous = self._previous.pop(signum, signal.SIG_DFL)
+        signal.signal(signum, previous)
 
     @property
     def exit_code(self) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO, Any
@@ -57,6 +58,9 @@ class CheckpointStore(ABC):
     def clean_leftovers(self) -> list[str]:
         """Delete staging and trash folders of earlier, interrupted writers; return their names."""
         return []
+
+    def check_free_space(self, needed_bytes: int) -> None:
+        """Fail early, before writing anything, when the next checkpoint cannot fit."""
 
     def acquire_writer_lock(self) -> None:
         """Fail when another process is writing checkpoints to the same root."""
@@ -125,6 +129,16 @@ class LocalStore(CheckpointStore):
         for name in removed:
             remove_tree_quietly(self.path / name)
         return removed
+
+    def check_free_space(self, needed_bytes: int) -> None:
+        free = shutil.disk_usage(self.path).free
+        if needed_bytes and free < needed_bytes:
+            raise CheckpointWriteError(
+                f"Not enough free space in {self.path} for the next checkpoint: about {needed_bytes / 1e6:.1f} MB "
+                f"needed (the size of the last one), {free / 1e6:.1f} MB free. Free disk space, lower "
+                "save_total_limit, or point output_dir at a larger disk. Earlier checkpoints are untouched.",
+                path=str(self.path),
+            )
 
     def acquire_writer_lock(self) -> None:
         if self._lock_file is not None:
