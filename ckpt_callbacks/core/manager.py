@@ -28,9 +28,9 @@ from ckpt_callbacks.core.durable import remove_tree_quietly, write_bytes_durably
 from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
 from ckpt_callbacks.core.manifest import Manifest, describe_files, find_problems, parse_manifest
 from ckpt_callbacks.core.policy import SavePolicy
-from ckpt_callbacks.core.signals import PreemptionFlag
 from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
+from ckpt_callbacks.core.signals import PreemptionFlag
 from ckpt_callbacks.core.staging import HostStager
 from ckpt_callbacks.core.store import CheckpointStore, LocalStore, write_error
 from ckpt_callbacks.core.writer import BackgroundWriter
