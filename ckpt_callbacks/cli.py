@@ -1,0 +1,695 @@
+"""`ckpt-callbacks`: list, inspect, verify, export, prune and diff checkpoints from a shell.
+
+Thin over the core: checks are the manifest's (`core/manifest.py`), retention is the
+manager's, the export is `core/export.py`. `cli_sources.py` opens every kind of checkpoint
+(this library's, the stock Trainer's, Lightning's `.ckpt`); `cli_output.py` formats.
+
+Tables go to stdout, `--json` prints one JSON document instead, progress bars go to
+stderr and only on a terminal. Exit codes: 0 ok, 1 problems found (a failed check, a
+difference, a checkpoint that cannot be read), 2 usage errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import math
+import os
+import shutil
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckpt_callbacks.cli_output import (
+    format_metrics,
+    format_number,
+    format_shape,
+    format_size,
+    format_table,
+    print_json,
+    progress_bar,
+    render_state,
+    summarize_state,
+)
+from ckpt_callbacks.cli_sources import (
+    KIND_HF_TRAINER,
+    KIND_LIGHTNING,
+    Checkpoint,
+    FileProblem,
+    ManifestCheckpoint,
+    VerifyReport,
+    is_checkpoint,
+    open_checkpoint,
+    scan_run_folder,
+)
+from ckpt_callbacks.config import CheckpointArguments, parse_size
+from ckpt_callbacks.core import layout
+from ckpt_callbacks.core.best import MetricRule
+from ckpt_callbacks.core.export import export_safetensors
+from ckpt_callbacks.core.manager import CheckpointManager
+from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
+from ckpt_callbacks.errors import CheckpointError
+
+EXIT_OK = 0
+EXIT_PROBLEMS = 1
+EXIT_USAGE = 2
+DEFAULT_METRICS = ("score", "eval_loss")  # what `save_score` writes, then what Trainer evaluations write
+# Files that `from_pretrained` needs beside the weights; an export of a Hugging Face checkpoint copies them.
+PRETRAINED_FILE_NAMES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
+    "preprocessor_config.json", "processor_config.json",
+)
+LEFTOVER_NOTE = "an interrupted save, never visible as a checkpoint; the next training run in this folder removes it"
+_DIFF_CHUNK = 1 << 24
+
+
+class UsageError(Exception):
+    """The command line asks for something impossible; exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------- list
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    folder = existing_folder(args.dir)
+    run = scan_run_folder(folder)
+    rule = metric_rule(args.metric, args.greater_is_better, run.checkpoints)
+    rows = [_list_row(c) for c in run.checkpoints]
+    _mark_best_and_latest(rows, rule)
+    result = {
+        "dir": str(folder),
+        "metric": None if rule is None else {"name": rule.key, "greater_is_better": rule.greater_is_better},
+        "checkpoints": rows,
+        "unreadable": [{"name": name, "error": str(exc)} for name, exc in run.unreadable],
+        "uncommitted": run.leftovers,
+    }
+    if args.json:
+        print_json(result)
+    else:
+        print(_render_list(result))
+    return EXIT_OK
+
+
+def _list_row(checkpoint: Checkpoint) -> dict[str, Any]:
+    problems = checkpoint.problems_by_size() if isinstance(checkpoint, ManifestCheckpoint) else []
+    return {
+        "name": checkpoint.name, "path": str(checkpoint.path), "format": checkpoint.format,
+        "step": checkpoint.step, "epoch": checkpoint.epoch, "metrics": checkpoint.metrics, "size": checkpoint.size,
+        "status": "incomplete" if problems else "ok", "problems": [p.message for p in problems],
+        "best": False, "latest": False,
+    }
+
+
+def _mark_best_and_latest(rows: list[dict[str, Any]], rule: MetricRule | None) -> None:
+    """Rows are sorted by step; incomplete checkpoints are never best nor latest."""
+    intact = [i for i, row in enumerate(rows) if row["status"] == "ok"]
+    if intact:
+        rows[intact[-1]]["latest"] = True
+    if rule is not None:
+        scored = [(i, v) for i in intact if (v := rule.value_in(rows[i]["metrics"])) is not None]
+        ranked = rule.ranked(scored)
+        if ranked:
+            rows[ranked[0]]["best"] = True
+
+
+def _render_list(result: Mapping[str, Any]) -> str:
+    rows = result["checkpoints"]
+    metric_names = sorted({name for row in rows for name in row["metrics"]})
+    table = [
+        [row["name"], _text(row["step"]), format_number(row["epoch"]),
+         *(format_number(row["metrics"].get(m)) for m in metric_names),
+         format_size(row["size"]), row["format"], _marks(row)]
+        for row in rows
+    ]
+    lines = [f"{result['dir']}: {len(rows)} checkpoint(s)"]
+    if rows:
+        lines.append(format_table(("name", "step", "epoch", *metric_names, "size", "format", ""), table))
+    metric = result["metric"]
+    if metric is not None and any(row["best"] for row in rows):
+        lines.append(f"best by {metric['name']} ({'higher' if metric['greater_is_better'] else 'lower'} is better)")
+    lines += [f"incomplete: {row['name']}: {problem}" for row in rows for problem in row["problems"]]
+    lines += [f"unreadable: {entry['name']}: {entry['error']}" for entry in result["unreadable"]]
+    lines += [f"uncommitted: {name} ({LEFTOVER_NOTE})" for name in result["uncommitted"]]
+    return "\n".join(lines)
+
+
+def _marks(row: Mapping[str, Any]) -> str:
+    if row["status"] != "ok":
+        return "INCOMPLETE (run verify)"
+    return ", ".join(mark for mark in ("best", "latest") if row[mark])
+
+
+# -------------------------------------------------------------------------------------- inspect
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    checkpoint = one_checkpoint(args.ckpt)
+    states = args.state or checkpoint.states()
+    summaries: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for state in states:
+        try:
+            summaries[state] = summarize_state(state, checkpoint.describe(state))
+        except CheckpointError as exc:
+            errors[state] = str(exc)
+    result = {**_identity(checkpoint), "manifest": _manifest_metadata(checkpoint), "states": summaries, "errors": errors}
+    if args.json:
+        print_json(result)
+    else:
+        print(_render_inspect(result))
+    return EXIT_PROBLEMS if errors else EXIT_OK
+
+
+def _identity(checkpoint: Checkpoint) -> dict[str, Any]:
+    return {"name": checkpoint.name, "path": str(checkpoint.path), "format": checkpoint.format,
+            "kind": checkpoint.kind, "engine": checkpoint.engine, "step": checkpoint.step,
+            "epoch": checkpoint.epoch, "metrics": checkpoint.metrics, "size": checkpoint.size}
+
+
+def _manifest_metadata(checkpoint: Checkpoint) -> dict[str, Any] | None:
+    return None if checkpoint.manifest is None else asdict(checkpoint.manifest)
+
+
+def _render_inspect(result: Mapping[str, Any]) -> str:
+    manifest = result["manifest"]
+    fields = [("path", result["path"]), ("step", _text(result["step"])), ("epoch", format_number(result["epoch"])),
+              ("metrics", format_metrics(result["metrics"])), ("size", format_size(result["size"]))]
+    fields += _manifest_fields(manifest) if manifest else [("manifest", _no_manifest_note(result["kind"]))]
+    lines = [f"{result['name']} ({result['format']})", format_table(None, fields, indent="  "), ""]
+    for name, summary in result["states"].items():
+        block = render_state(name, summary)
+        if "\n" in block and lines[-1]:
+            lines.append("")
+        lines += [block, ""] if "\n" in block else [block]
+    lines += [f"{name}: unreadable: {error}" for name, error in result["errors"].items()]
+    return "\n".join(lines).rstrip()
+
+
+def _manifest_fields(manifest: Mapping[str, Any]) -> list[tuple[str, str]]:
+    files = manifest["files"]
+    return [
+        ("files", f"{len(files)}, {manifest['checksum_algorithm']} checksums in manifest format "
+                  f"{manifest['format_version']}"),
+        ("states", ", ".join(manifest["states"]) or "-"),
+        ("saved", _time(manifest["save_time"]) + (f" (run started {_time(manifest['start_time'])})"
+                                                  if manifest["start_time"] else "")),
+        ("world size", str(manifest["world_size"])),
+        ("git commit", manifest["git_commit"] or "-"),
+        ("versions", ", ".join(f"{k} {v}" for k, v in sorted(manifest["versions"].items())) or "-"),
+        ("metadata", str(manifest["user_metadata"]) if manifest["user_metadata"] else "-"),
+    ]
+
+
+def _no_manifest_note(kind: str) -> str:
+    writer = {KIND_HF_TRAINER: "the stock Trainer", KIND_LIGHTNING: "Lightning"}.get(kind, "another tool")
+    return f"none (written by {writer}): `verify` checks its structure only"
+
+
+def _time(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp).isoformat(sep=" ", timespec="seconds")
+
+
+# --------------------------------------------------------------------------------------- verify
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    path = existing_path(args.path)
+    if path.is_file() and (path.parent / layout.MANIFEST_NAME).is_file():
+        path = path.parent  # a file inside one of our checkpoints: check the whole checkpoint
+    checkpoints, reports = _verify_targets(path)
+    with progress_bar(sum(c.size for c in checkpoints), "verify") as bar:
+        reports = [c.verify(args.check, bar.update) for c in checkpoints] + reports
+    reports.sort(key=lambda r: r.status == "uncommitted")
+    verified = [r for r in reports if r.status != "uncommitted"]
+    failed = [r for r in verified if r.status == "failed"]
+    if args.json:
+        print_json({"path": str(path), "ok": bool(verified) and not failed, "checkpoints": [asdict(r) for r in reports]})
+    else:
+        print(_render_verify(path, reports, verified, failed))
+    return EXIT_OK if verified and not failed else EXIT_PROBLEMS
+
+
+def _verify_targets(path: Path) -> tuple[list[Checkpoint], list[VerifyReport]]:
+    """The checkpoints to check, and reports for what cannot be opened or is an uncommitted leftover."""
+    if is_checkpoint(path):
+        try:
+            return [open_checkpoint(path)], []
+        except CheckpointError as exc:
+            return [], [_unreadable_report(path.name, path, exc)]
+    if not path.is_dir():
+        raise UsageError(f"{path}: not a checkpoint (expected a checkpoint folder, a run folder or a .ckpt file).")
+    run = scan_run_folder(path)
+    reports = [_unreadable_report(name, path / name, exc) for name, exc in run.unreadable]
+    reports += [VerifyReport(name, str(path / name), "staging", "uncommitted", "none", notes=[LEFTOVER_NOTE])
+                for name in run.leftovers]
+    return run.checkpoints, reports
+
+
+def _unreadable_report(name: str, path: Path, error: CheckpointError) -> VerifyReport:
+    file = f"{name}/{layout.MANIFEST_NAME}" if path.is_dir() else name
+    problem = FileProblem(file, getattr(error, "reason", "") or "unreadable", str(error))
+    return VerifyReport(name, str(path), "unknown", "failed", "none", problems=[problem])
+
+
+def _render_verify(path: Path, reports: list[VerifyReport], verified: list[VerifyReport],
+                   failed: list[VerifyReport]) -> str:
+    lines = []
+    for report in reports:
+        status = report.status.upper() if report.status == "failed" else report.status
+        lines.append(f"{status:<11}  {report.name}  {_verify_detail(report)}")
+        lines += [f"    {problem.message}" for problem in report.problems]
+        shown_in_detail = 1 if report.status != "failed" else 0
+        lines += [f"    note: {note}" for note in report.notes[shown_in_detail:]]
+    if not verified:
+        lines.append(f"{path}: no checkpoint found to verify.")
+    else:
+        leftovers = len(reports) - len(verified)
+        lines.append(f"{len(verified)} checkpoint(s) checked: {len(verified) - len(failed)} ok, {len(failed)} failed"
+                     + (f"; {leftovers} uncommitted leftover(s), not failures" if leftovers else ""))
+    return "\n".join(lines)
+
+
+def _verify_detail(report: VerifyReport) -> str:
+    if report.status == "uncommitted":
+        return report.notes[0]
+    if report.status == "failed":
+        return f"{len(report.problems)} bad file(s)"
+    what = {"checksum": "sizes and checksums", "size": "sizes"}.get(report.check)
+    if what is None:
+        return report.notes[0] if report.notes else "ok"
+    return f"{what} of {report.files_checked} file(s), {format_size(report.bytes_checked)}"
+
+
+# --------------------------------------------------------------------------------------- export
+
+
+@dataclass
+class CopiedFiles:
+    """Stands in for a config/tokenizer: `export_safetensors` calls `save_pretrained`, which copies the files."""
+
+    files: list[Path]
+
+    def save_pretrained(self, directory: str) -> None:
+        for file in self.files:
+            shutil.copy2(file, Path(directory) / file.name)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    source = one_checkpoint(args.ckpt)
+    out = Path(args.out)
+    _check_export_target(out, source.path, args.overwrite)
+    try:
+        parse_size(args.max_shard_size)
+    except ValueError as exc:
+        raise UsageError(str(exc).replace("max_shard_size=", "--max-shard-size ")) from None
+    weights = strip_prefix(source.weights(args.state), args.strip_prefix)
+    total = sum(t.numel() * t.element_size() for t in weights.values())
+    with progress_bar(total, "export") as bar, _watch_export(out, bar):
+        export_safetensors(weights, out, max_shard_size=_shard_size(args.max_shard_size),
+                                     pretrained_objects=_pretrained_files(source))
+    files = sorted(p for p in out.iterdir() if p.is_file())
+    result = {"source": str(source.path), "format": source.format, "out": str(out), "tensors": len(weights),
+              "bytes": total, "stripped_prefix": args.strip_prefix,
+              "files": [{"name": f.name, "size": f.stat().st_size} for f in files]}
+    if args.json:
+        print_json(result)
+    else:
+        print(f"exported {len(weights)} tensors ({format_size(total)}) of {source.name} ({source.format}) to {out}")
+        print(format_table(("file", "size"), [(f["name"], format_size(f["size"])) for f in result["files"]], indent="  "))
+    return EXIT_OK
+
+
+def _check_export_target(out: Path, source: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder; choose a folder for the export.")
+    if source.resolve().is_relative_to(out.resolve()):
+        raise UsageError(f"{out} holds the checkpoint being exported; choose another folder.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UsageError(f"{out} is not empty. Choose a new folder, or pass --overwrite to replace it "
+                         "(everything in it is deleted).")
+
+
+def strip_prefix(weights: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
+    """Names without `prefix`, which every name must start with (Lightning's `model.` for `self.model`)."""
+    if not prefix:
+        return weights
+    without = [name for name in weights if not name.startswith(prefix)]
+    if without:
+        raise UsageError(
+            f"--strip-prefix {prefix!r}: {len(without)} of {len(weights)} tensor names do not start with it "
+            f"(e.g. {without[0]!r}). Give the prefix every name shares, or leave the option out."
+        )
+    return {name[len(prefix):]: tensor for name, tensor in weights.items()}
+
+
+def _shard_size(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
+
+
+def _pretrained_files(source: Checkpoint) -> list[CopiedFiles]:
+    if source.path.is_file():
+        return []
+    files = [source.path / name for name in PRETRAINED_FILE_NAMES if (source.path / name).is_file()]
+    return [CopiedFiles(files)] if files else []
+
+
+@contextlib.contextmanager
+def _watch_export(out: Path, bar: Any) -> Iterator[None]:
+    """Advance `bar` as the export's staging folder grows (only when the bar is shown)."""
+    if bar.disable:
+        yield
+        return
+    staging = out.parent / f"{layout.STAGING_PREFIX}{out.name}-export"
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.2):
+            written = sum(f.stat().st_size for f in staging.glob("*.safetensors") if f.is_file())
+            bar.update(max(0, min(written, bar.total) - bar.n))
+
+    watcher = threading.Thread(target=poll, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        bar.update(bar.total - bar.n)
+
+
+# ----------------------------------------------------------------------------------------- diff
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    a, b = one_checkpoint(args.a), one_checkpoint(args.b)
+    weights_a = strip_prefix(a.weights(args.state), args.strip_prefix)
+    weights_b = strip_prefix(b.weights(args.state), args.strip_prefix)
+    with progress_bar(sum(t.numel() * t.element_size() for t in weights_a.values()), "diff") as bar:
+        result = compare_weights(weights_a, weights_b, args.atol, bar.update)
+    result = {"a": str(a.path), "b": str(b.path), **result}
+    if args.json:
+        print_json(result)
+    else:
+        print(_render_diff(result))
+    return EXIT_OK if result["identical"] else EXIT_PROBLEMS
+
+
+def compare_weights(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], atol: float,
+                    progress: Any) -> dict[str, Any]:
+    """Names in one only, shape or dtype mismatches, and tensors whose max |a - b| exceeds `atol`."""
+    differ, mismatched, equal = [], [], 0
+    for name in sorted(a.keys() & b.keys()):
+        ta, tb = a[name], b[name]
+        if ta.shape != tb.shape or ta.dtype != tb.dtype:
+            mismatched.append({"name": name, "a": _tensor_text(ta), "b": _tensor_text(tb)})
+        else:
+            difference = max_abs_difference(ta, tb)
+            if difference > atol or math.isnan(difference):
+                differ.append({"name": name, "shape": list(ta.shape), "dtype": _dtype(ta), "max_abs_diff": difference})
+            else:
+                equal += 1
+        progress(ta.numel() * ta.element_size())
+    only_a, only_b = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+    identical = not (differ or mismatched or only_a or only_b)
+    return {"identical": identical, "equal": equal, "differ": differ, "mismatched": mismatched,
+            "only_in_a": only_a, "only_in_b": only_b}
+
+
+def max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| in float64, in chunks so that large tensors need little extra memory; 0.0 when equal."""
+    if torch.equal(a, b):
+        return 0.0
+    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
+    worst = 0.0
+    for start in range(0, flat_a.numel(), _DIFF_CHUNK):
+        chunk = flat_a[start:start + _DIFF_CHUNK].double() - flat_b[start:start + _DIFF_CHUNK].double()
+        worst = max(worst, float(chunk.abs().max()))
+    return worst
+
+
+def _render_diff(result: Mapping[str, Any]) -> str:
+    lines = [f"A: {result['a']}", f"B: {result['b']}"]
+    if result["differ"]:
+        rows = [(d["name"], format_shape(d["shape"]), d["dtype"], format_number(d["max_abs_diff"])) for d in result["differ"]]
+        lines.append(format_table(("tensor", "shape", "dtype", "max abs diff"), rows))
+    lines += [f"shape or dtype differs: {m['name']}: {m['a']} in A, {m['b']} in B" for m in result["mismatched"]]
+    lines += [f"only in A: {name}" for name in result["only_in_a"]]
+    lines += [f"only in B: {name}" for name in result["only_in_b"]]
+    compared = result["equal"] + len(result["differ"])
+    verdict = "identical" if result["identical"] else "different"
+    lines.append(f"{verdict}: {compared} tensor(s) compared, {len(result['differ'])} differ, {result['equal']} equal")
+    return "\n".join(lines)
+
+
+def _tensor_text(tensor: torch.Tensor) -> str:
+    return f"{format_shape(tensor.shape)} {_dtype(tensor)}"
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------- prune
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    folder = existing_folder(args.dir)
+    for flag, value in (("--keep-last", args.keep_last), ("--keep-best", args.keep_best)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: give a number >= 1 (the newest checkpoint is always kept).")
+    if args.keep_last is None and args.keep_best is None:
+        raise UsageError("say what to keep: --keep-last N, --keep-best N, or both.")
+    rule = metric_rule(args.metric, args.greater_is_better, scan_run_folder(folder).checkpoints)
+    manager = CheckpointManager(CheckpointArguments(
+        output_dir=str(folder), metric_for_best_model=None if rule is None else rule.aliases[0],
+        greater_is_better=None if rule is None else rule.greater_is_better))
+    try:
+        before = [info.step for info in manager.list()]
+        deleted = _steps_to_delete(manager, args) if args.dry_run else _prune_now(manager, args)
+    finally:
+        manager.close()
+    result = {"dir": str(folder), "dry_run": args.dry_run, "deleted": deleted,
+              "kept": [step for step in before if step not in deleted]}
+    if args.json:
+        print_json(result)
+    else:
+        print(_render_prune(result))
+    return EXIT_OK
+
+
+def _steps_to_delete(manager: CheckpointManager, args: argparse.Namespace) -> list[int]:
+    policy = RetentionPolicy(args.keep_last, args.keep_best, manager.metric_rule)
+    candidates = [RetentionCandidate(info.step, manager.metric_rule.value_in(info.metrics)) for info in manager.list()]
+    return policy.steps_to_delete(candidates)
+
+
+def _prune_now(manager: CheckpointManager, args: argparse.Namespace) -> list[int]:
+    try:
+        manager.store.acquire_writer_lock()
+    except CheckpointError:
+        raise CheckpointError(
+            f"{manager.store.root} is being written by a running training process (its lock is held). "
+            "Prune after it ends, or let that run's save_total_limit do it."
+        ) from None
+    return manager.prune(args.keep_last, args.keep_best)
+
+
+def _render_prune(result: Mapping[str, Any]) -> str:
+    verb = "would delete" if result["dry_run"] else "deleted"
+    names = [layout.checkpoint_name(step) for step in result["deleted"]]
+    kept = [layout.checkpoint_name(step) for step in result["kept"]]
+    return f"{verb}: {', '.join(names) or 'nothing'}\nkept: {', '.join(kept) or 'nothing'}"
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+def metric_rule(name: str | None, greater_is_better: bool | None, checkpoints: Sequence[Checkpoint]) -> MetricRule | None:
+    """The rule that ranks checkpoints: `--metric`, else the first of `DEFAULT_METRICS` that any checkpoint has.
+
+    Built exactly as `CheckpointManager` builds it from `metric_for_best_model`/`greater_is_better`."""
+    if name is None:
+        present = {metric for checkpoint in checkpoints for metric in checkpoint.metrics}
+        name = next((metric for metric in DEFAULT_METRICS if metric in present), None)
+        if name is None:
+            return None
+    args = CheckpointArguments(metric_for_best_model=name, greater_is_better=greater_is_better)
+    assert args.metric_key is not None
+    return MetricRule(args.metric_key, args.metric_greater_is_better, aliases=(name,))
+
+
+def existing_path(value: str) -> Path:
+    path = Path(value)
+    if not path.exists():
+        raise UsageError(f"{value}: no such file or folder.")
+    return path
+
+
+def existing_folder(value: str) -> Path:
+    path = existing_path(value)
+    if not path.is_dir():
+        raise UsageError(f"{value} is not a folder; give the run folder that holds checkpoint-* folders.")
+    return path
+
+
+def one_checkpoint(value: str) -> Checkpoint:
+    """The checkpoint at `value`; a run folder is a usage error that names its newest checkpoint."""
+    path = existing_path(value)
+    if not is_checkpoint(path) and path.is_dir():
+        checkpoints = scan_run_folder(path).checkpoints
+        if checkpoints:
+            raise UsageError(f"{path} is a run folder with {len(checkpoints)} checkpoint(s); pass one of them, "
+                             f"e.g. {checkpoints[-1].path}")
+    return open_checkpoint(path)
+
+
+def _text(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+# --------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON document instead of tables")
+    common.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first, e.g. the module defining your own CheckpointEngine (repeatable)")
+    parser = argparse.ArgumentParser(
+        prog="ckpt-callbacks",
+        description="List, inspect, verify, export, prune and diff checkpoints: this library's, the stock "
+                    "transformers.Trainer's checkpoint-N folders, and Lightning .ckpt files.",
+        epilog="Exit codes: 0 ok, 1 problems found, 2 usage errors.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_list(commands, common)
+    _add_inspect(commands, common)
+    _add_verify(commands, common)
+    _add_export(commands, common)
+    _add_prune(commands, common)
+    _add_diff(commands, common)
+    return parser
+
+
+def _add_metric_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--metric", metavar="NAME",
+                         help="metric that ranks checkpoints ('eval_' prefix optional); default: 'score' "
+                              "(from save_score), else 'eval_loss', when checkpoints have it")
+    command.add_argument("--greater-is-better", action=argparse.BooleanOptionalAction, default=None,
+                         help="whether a larger metric is better; default: inferred as in transformers "
+                              "(lower is better for names ending in 'loss')")
+
+
+def _add_list(commands: Any, common: argparse.ArgumentParser) -> None:
+    command = commands.add_parser("list", parents=[common], help="the checkpoints of a run folder",
+                                  description="The checkpoints in DIR: step, epoch, metrics, size, best and latest.")
+    command.add_argument("dir", metavar="DIR", help="run folder (holding checkpoint-* folders or .ckpt files)")
+    _add_metric_options(command)
+    command.set_defaults(handler=cmd_list)
+
+
+def _add_inspect(commands: Any, common: argparse.ArgumentParser) -> None:
+    command = commands.add_parser(
+        "inspect", parents=[common], help="what one checkpoint holds",
+        description="Tensors (name, shape, dtype), optimizer state, RNG state and manifest metadata of CKPT. "
+                    "Tensors are described from file headers, not read.")
+    command.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder or a .ckpt file")
+    command.add_argument("--state", action="append", metavar="NAME",
+                         help="show only this piece of state, e.g. model or optimizer (repeatable)")
+    command.set_defaults(handler=cmd_inspect)
+
+
+def _add_verify(commands: Any, common: argparse.ArgumentParser) -> None:
+    command = commands.add_parser(
+        "verify", parents=[common], help="re-check sizes and checksums",
+        description="Re-check the sizes and checksums recorded in the manifest of one checkpoint, or of every "
+                    "checkpoint under a run folder, and name every bad file. Checkpoints without a manifest "
+                    "(stock Trainer, Lightning) are checked by structure: every file loads, torch files' CRCs "
+                    "match. Exit 1 when any check fails; an uncommitted staging leftover is not a failure.")
+    command.add_argument("path", metavar="PATH", help="a checkpoint folder, a run folder or a .ckpt file")
+    command.add_argument("--check", choices=("checksum", "size"), default="checksum",
+                         help="checksum (default) reads every byte; size only compares file sizes")
+    command.set_defaults(handler=cmd_verify)
+
+
+def _add_export(commands: Any, common: argparse.ArgumentParser) -> None:
+    command = commands.add_parser(
+        "export", parents=[common], help="write the model weights as sharded safetensors",
+        description="Write the model weights of CKPT (any kind) to OUT as sharded safetensors with a "
+                    "model.safetensors.index.json in the Hugging Face format; config and tokenizer files beside "
+                    "the weights are copied, so from_pretrained(OUT) works for Hugging Face checkpoints.")
+    command.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder or a .ckpt file")
+    command.add_argument("out", metavar="OUT", help="folder to write (new or empty, or see --overwrite)")
+    command.add_argument("--max-shard-size", default="5GB", metavar="S",
+                         help="largest shard, Hugging Face syntax: '500MB', '5GB' or bytes (default 5GB)")
+    command.add_argument("--strip-prefix", metavar="PREFIX",
+                         help="remove PREFIX from every tensor name, e.g. 'model.' for a LightningModule "
+                              "that holds its network in self.model")
+    command.add_argument("--state", metavar="NAME",
+                         help="the piece of state with the weights (default: model, or a .ckpt's state_dict)")
+    command.add_argument("--overwrite", action="store_true", help="replace OUT when it is not empty")
+    command.set_defaults(handler=cmd_export)
+
+
+def _add_prune(commands: Any, common: argparse.ArgumentParser) -> None:
+    command = commands.add_parser(
+        "prune", parents=[common], help="apply a retention policy now",
+        description="Delete the checkpoints of DIR that a retention policy does not keep. The newest "
+                    "checkpoint and the best one are always kept; --keep-last counts the best, as "
+                    "save_total_limit does. Checkpoints without a manifest are never touched.")
+    command.add_argument("dir", metavar="DIR", help="run folder")
+    command.add_argument("--keep-last", type=int, metavar="N", help="keep at most N checkpoints, the newest (and the best)")
+    command.add_argument("--keep-best", type=int, metavar="N", help="also keep the N best by --metric")
+    _add_metric_options(command)
+    command.add_argument("--dry-run", action="store_true", help="print what would be deleted, delete nothing")
+    command.set_defaults(handler=cmd_prune)
+
+
+def _add_diff(commands: Any, common: argparse.ArgumentParser) -> None:
+    command = commands.add_parser(
+        "diff", parents=[common], help="compare the model weights of two checkpoints",
+        description="The tensors that differ between the model weights of A and B, with the maximum absolute "
+                    "difference of each; exit 1 when anything differs.")
+    command.add_argument("a", metavar="A", help="a checkpoint folder or a .ckpt file")
+    command.add_argument("b", metavar="B", help="a checkpoint folder or a .ckpt file")
+    command.add_argument("--atol", type=float, default=0.0, help="treat differences up to ATOL as equal (default 0)")
+    command.add_argument("--state", metavar="NAME", help="the piece of state to compare (default: the model weights)")
+    command.add_argument("--strip-prefix", metavar="PREFIX", help="remove PREFIX from the tensor names of both")
+    command.set_defaults(handler=cmd_diff)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _import_modules(args.imports)
+        return int(args.handler(args))
+    except UsageError as exc:
+        print(f"ckpt-callbacks {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CheckpointError as exc:
+        print(f"ckpt-callbacks {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    except BrokenPipeError:
+        # The reader (e.g. `| head`) went away: stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PROBLEMS
+
+
+def _import_modules(modules: Sequence[str]) -> None:
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise UsageError(f"--import {module}: {exc}. Make the module importable (PYTHONPATH) or fix its name.") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

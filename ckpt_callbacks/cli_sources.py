@@ -1,0 +1,605 @@
+"""Reading every kind of checkpoint the `ckpt-callbacks` command is pointed at.
+
+- `ckpt_callbacks`: a folder with this library's `manifest.json`, any engine;
+- `hf-trainer`: a `checkpoint-N` folder of the stock `transformers.Trainer` (no manifest);
+- `hf-weights`: a `save_pretrained` or export folder (weights, no trainer state);
+- `lightning`: a `.ckpt` file of Lightning's `TorchCheckpointIO` (or any torch file of tensors).
+
+This module only reads. Tensors come from safetensors or `torch.load(weights_only=True)`,
+metadata from JSON, so no code stored in a file ever runs. `describe` is cheap (safetensors
+headers, memory-mapped torch files): inspecting a large checkpoint does not read its tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import struct
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+
+from ckpt_callbacks.core import layout
+from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
+from ckpt_callbacks.core.engines.hf_engine import (
+    _TORCH_FILES,
+    MODEL_FILE,
+    MODEL_INDEX_FILE,
+    TRAINER_STATE_FILE,
+    HFEngine,
+    rng_file_name,
+)
+from ckpt_callbacks.core.engines.torch_engine import load_weights_only
+from ckpt_callbacks.core.engines.tree_codec import decode_tree
+from ckpt_callbacks.core.manager import read_checkpoint_info
+from ckpt_callbacks.core.manifest import Manifest, find_problems
+from ckpt_callbacks.core.tensor_files import _DTYPE_CODES
+from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
+
+KIND_MANIFEST = "ckpt_callbacks"
+KIND_HF_TRAINER = "hf-trainer"
+KIND_HF_WEIGHTS = "hf-weights"
+KIND_LIGHTNING = "lightning"
+KIND_TORCH_FILE = "torch-file"
+
+TORCH_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+LEGACY_MODEL_FILE = "pytorch_model.bin"
+PRETRAINED_FILES = ("config.json", "generation_config.json")
+# Pieces of the stock layout that are not state: a full pickle we never load, and save_pretrained files.
+TRAINING_ARGS_PIECE = "training_args"
+PRETRAINED_PIECE = "pretrained"
+_DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+_LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, CheckpointError)
+
+Progress = Callable[[int], object]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a tensor that was not read."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> TensorSpec:
+        return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.numel() * tensor.element_size())
+
+
+@dataclass
+class FileProblem:
+    file: str  # relative to the checkpoint's parent: "checkpoint-20/model.safetensors"
+    reason: str
+    message: str
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` found in one checkpoint (or one uncommitted leftover)."""
+
+    name: str
+    path: str
+    kind: str
+    status: str  # "ok", "failed" or "uncommitted"
+    check: str  # "checksum", "size", "structure" or "none"
+    files_checked: int = 0
+    bytes_checked: int = 0
+    problems: list[FileProblem] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Checkpoint(ABC):
+    """One checkpoint of any kind: its metadata, its named states, and checks."""
+
+    kind: str
+    engine: str | None = None
+    manifest: Manifest | None = None
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.step: int | None = None
+        self.epoch: float | None = None
+        self.metrics: dict[str, float] = {}
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def format(self) -> str:
+        return f"{self.kind}/{self.engine}" if self.engine else self.kind
+
+    @property
+    @abstractmethod
+    def size(self) -> int:
+        """Bytes on disk."""
+
+    @abstractmethod
+    def states(self) -> list[str]:
+        """Names of the pieces of state it holds ("model", "optimizer", "rng", ...)."""
+
+    @abstractmethod
+    def load(self, state: str) -> Any:
+        """A piece of state with real tensors."""
+
+    @abstractmethod
+    def verify(self, mode: str, progress: Progress) -> VerifyReport:
+        """Check it (`mode` "checksum" or "size" where a manifest allows); `progress(bytes)` as it goes."""
+
+    def describe(self, state: str) -> Any:
+        """A piece of state, cheaply: tensors may come back as `TensorSpec`s."""
+        return self.load(state)
+
+    def weights_state(self) -> str:
+        """The piece holding the model weights: "model", or the only piece besides RNG state."""
+        states = self.states()
+        if "model" in states:
+            return "model"
+        others = [s for s in states if not s.startswith("rng")]
+        if len(others) == 1:
+            return others[0]
+        raise CheckpointError(
+            f"{self.name}: no 'model' state, and several others ({', '.join(states)}). "
+            "Pass --state NAME to choose the one that holds the weights.",
+            path=str(self.path),
+        )
+
+    def weights(self, state: str | None = None) -> dict[str, torch.Tensor]:
+        """The model weights as a flat name -> tensor dict (a Lightning checkpoint's `state_dict`)."""
+        piece = state or self.weights_state()
+        if piece not in self.states():
+            raise CheckpointError(
+                f"{self.name} holds no '{piece}' state (it holds: {', '.join(self.states()) or 'nothing'}).",
+                path=str(self.path),
+            )
+        return as_state_dict(self.load(piece), where=f"{self.name}/{piece}")
+
+    def _report(self, status: str, check: str) -> VerifyReport:
+        return VerifyReport(name=self.name, path=str(self.path), kind=self.format, status=status, check=check)
+
+
+class ManifestCheckpoint(Checkpoint):
+    """A checkpoint committed by this library: `manifest.json` lists every file with size and checksum."""
+
+    kind = KIND_MANIFEST
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        info = read_checkpoint_info(path)
+        self.manifest = info.manifest
+        self.engine = info.engine
+        self.step, self.epoch, self.metrics = info.step, info.epoch, dict(info.metrics)
+
+    @property
+    def size(self) -> int:
+        assert self.manifest is not None
+        return self.manifest.total_size
+
+    def states(self) -> list[str]:
+        assert self.manifest is not None
+        return list(self.manifest.states)
+
+    def load(self, state: str) -> Any:
+        if self.engine == "hf":
+            return read_hf_piece(self.path, state)  # also reads the stock layout's non-state pieces
+        return self._open_engine().load(state, "cpu")
+
+    def describe(self, state: str) -> Any:
+        describer = _DESCRIBERS.get(self.engine or "")
+        if describer is None:
+            return self.load(state)
+        try:
+            return describer(self.path, state)
+        except _LOAD_ERRORS:
+            return self.load(state)  # the engine's own reader raises the precise error
+
+    def verify(self, mode: str, progress: Progress) -> VerifyReport:
+        assert self.manifest is not None
+        report = self._report("ok", mode)
+        for entry in self.manifest.files:
+            one_file = dataclasses.replace(self.manifest, files=[entry])
+            report.problems += [_file_problem(error, self.path) for error in find_problems(self.path, one_file, mode)]
+            report.files_checked += 1
+            report.bytes_checked += entry.size
+            progress(entry.size)
+        if report.problems:
+            report.status = "failed"
+        return report
+
+    def problems_by_size(self) -> list[FileProblem]:
+        """Missing or resized files, found without reading them (what `list` shows)."""
+        assert self.manifest is not None
+        return [_file_problem(error, self.path) for error in find_problems(self.path, self.manifest, "size")]
+
+    def _open_engine(self) -> CheckpointEngine:
+        assert self.manifest is not None
+        try:
+            engine_class = get_engine_class(self.manifest.engine)
+        except ValueError:
+            raise CheckpointError(
+                f"{self.name} was written by engine '{self.manifest.engine}', which is not registered in this "
+                "process. Pass --import MODULE naming the module that defines it.",
+                path=str(self.path),
+            ) from None
+        engine = engine_class(world_size=self.manifest.world_size)
+        engine.open(str(self.path))
+        return engine
+
+
+class HFFolderCheckpoint(Checkpoint):
+    """A stock Trainer `checkpoint-N` folder, or a `save_pretrained`/export folder: no manifest."""
+
+    engine = None
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._engine = HFEngine()  # for `has`: which pieces of the stock layout are present
+        self._engine.open(str(path))
+        self.kind = KIND_HF_TRAINER if (path / TRAINER_STATE_FILE).is_file() else KIND_HF_WEIGHTS
+        self.step = layout.parse_checkpoint_step(path.name)
+        self._read_trainer_state()
+
+    @property
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
+
+    def states(self) -> list[str]:
+        states = [piece for piece in ("model", *_TORCH_FILES, "trainer_state") if self._engine.has(piece)]
+        states += sorted("rng" + p.name.removeprefix("rng_state").removesuffix(".pth") for p in self.path.glob("rng_state*.pth"))
+        if (self.path / "training_args.bin").is_file():
+            states.append(TRAINING_ARGS_PIECE)
+        if (self.path / PRETRAINED_FILES[0]).is_file():
+            states.append(PRETRAINED_PIECE)
+        return states
+
+    def load(self, state: str) -> Any:
+        return read_hf_piece(self.path, state)
+
+    def describe(self, state: str) -> Any:
+        try:
+            return describe_hf_piece(self.path, state)
+        except _LOAD_ERRORS:
+            return self.load(state)  # the full reader raises the precise error
+
+    def verify(self, mode: str, progress: Progress) -> VerifyReport:
+        report = self._report("ok", "structure")
+        required = ["model", "trainer_state"] if self.kind == KIND_HF_TRAINER else ["model"]
+        states = self.states()
+        report.problems += [self._missing(piece) for piece in required if piece not in states]
+        for piece in states:
+            files = hf_piece_files(self.path, piece)
+            if piece == TRAINING_ARGS_PIECE:
+                report.notes.append("training_args.bin not loaded: a full pickle of TrainingArguments (nothing reads it to resume)")
+            else:
+                report.problems += _structure_problems(files, functools.partial(self.load, piece), self.path)
+                report.files_checked += len(files)
+            size = sum(f.stat().st_size for f in files if f.is_file())
+            report.bytes_checked += size
+            progress(size)
+        report.notes.insert(0, _structure_note(self.kind))
+        report.status = "failed" if report.problems else "ok"
+        return report
+
+    def _missing(self, piece: str) -> FileProblem:
+        expected = {"model": f"{MODEL_FILE}, {MODEL_INDEX_FILE} or {LEGACY_MODEL_FILE}", "trainer_state": TRAINER_STATE_FILE}
+        return FileProblem(f"{self.name}/{expected[piece]}", "missing",
+                           f"{self.name}: {expected[piece]} missing: the save was interrupted or files were deleted. "
+                           "Resume from another checkpoint.")
+
+    def _read_trainer_state(self) -> None:
+        try:
+            trainer_state = json.loads((self.path / TRAINER_STATE_FILE).read_text())
+        except (OSError, ValueError):
+            return  # verify reports an unreadable trainer state; listing shows what the name says
+        if not isinstance(trainer_state, dict):
+            return
+        if isinstance(trainer_state.get("global_step"), int):
+            self.step = trainer_state["global_step"]
+        if isinstance(trainer_state.get("epoch"), (int, float)):
+            self.epoch = float(trainer_state["epoch"])
+        for entry in trainer_state.get("log_history") or []:
+            if isinstance(entry, dict) and entry.get("step") == self.step:
+                self.metrics.update({k: float(v) for k, v in entry.items() if k.startswith("eval_") and _is_number(v)})
+
+
+class TorchFileCheckpoint(Checkpoint):
+    """A Lightning `.ckpt` (a dict with `state_dict`, `optimizer_states`, ...) or a torch file of tensors."""
+
+    engine = None
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        data = load_torch_lazily(path)
+        if isinstance(data, Mapping) and "state_dict" in data:
+            self.kind = KIND_LIGHTNING
+            self._data: dict[str, Any] = dict(data)
+            self.step = _int_or_none(data.get("global_step"))
+            self.epoch = None if _int_or_none(data.get("epoch")) is None else float(data["epoch"])
+            self.metrics = _lightning_metrics(data)
+        else:
+            self.kind = KIND_TORCH_FILE
+            self._data = {"model": data}
+
+    @property
+    def size(self) -> int:
+        return self.path.stat().st_size
+
+    def states(self) -> list[str]:
+        return list(self._data)
+
+    def load(self, state: str) -> Any:
+        return self._data[state]
+
+    def weights_state(self) -> str:
+        return "state_dict" if self.kind == KIND_LIGHTNING else "model"
+
+    def verify(self, mode: str, progress: Progress) -> VerifyReport:
+        report = self._report("ok", "structure")
+        report.problems = _structure_problems([self.path], lambda: self.weights(), self.path)
+        report.files_checked, report.bytes_checked = 1, self.size
+        progress(self.size)
+        report.notes.append(_structure_note(self.kind))
+        report.status = "failed" if report.problems else "ok"
+        return report
+
+
+# ------------------------------------------------------------------------------------------ opening
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint at `path` (a folder or a torch file); `CheckpointNotFoundError` if it is none."""
+    if path.is_file():
+        if path.suffix in TORCH_FILE_SUFFIXES:
+            return TorchFileCheckpoint(path)
+        if path.name == layout.MANIFEST_NAME:
+            return ManifestCheckpoint(path.parent)
+    elif (path / layout.MANIFEST_NAME).is_file():
+        return ManifestCheckpoint(path)
+    elif _looks_like_hf_folder(path):
+        return HFFolderCheckpoint(path)
+    raise CheckpointNotFoundError(
+        f"{path}: not a checkpoint (no {layout.MANIFEST_NAME}, no Hugging Face weights, not a torch file such as "
+        "Lightning's .ckpt).",
+        path=str(path),
+    )
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` itself is one checkpoint (as opposed to a run folder holding several)."""
+    if path.is_file():
+        return path.suffix in TORCH_FILE_SUFFIXES or path.name == layout.MANIFEST_NAME
+    return (path / layout.MANIFEST_NAME).is_file() or _looks_like_hf_folder(path)
+
+
+@dataclass
+class RunFolder:
+    """What a run folder holds: checkpoints, entries that look like checkpoints but do not open, leftovers."""
+
+    checkpoints: list[Checkpoint]
+    unreadable: list[tuple[str, CheckpointError]]
+    leftovers: list[str]
+
+
+def scan_run_folder(folder: Path) -> RunFolder:
+    """Every `checkpoint-N` folder, manifest folder and torch file (`.ckpt`) directly under `folder`."""
+    run = RunFolder([], [], [])
+    for entry in sorted(folder.iterdir()):
+        if entry.is_dir() and layout.is_leftover(entry.name):
+            run.leftovers.append(entry.name)
+        elif _is_run_entry(entry):
+            try:
+                run.checkpoints.append(open_checkpoint(entry))
+            except CheckpointError as exc:
+                run.unreadable.append((entry.name, exc))
+    run.checkpoints.sort(key=lambda c: (c.step is None, c.step or 0, c.name))
+    return run
+
+
+def _is_run_entry(entry: Path) -> bool:
+    if entry.is_file():
+        return entry.suffix == ".ckpt"
+    return layout.parse_checkpoint_step(entry.name) is not None or (entry / layout.MANIFEST_NAME).is_file()
+
+
+def _looks_like_hf_folder(path: Path) -> bool:
+    names = (MODEL_FILE, MODEL_INDEX_FILE, LEGACY_MODEL_FILE, TRAINER_STATE_FILE)
+    return path.is_dir() and any((path / name).is_file() for name in names)
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def load_torch_lazily(path: Path) -> Any:
+    """`torch.load(weights_only=True)` with tensors memory-mapped, so their bytes are read only when used."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # legacy (non-zip) files cannot be mapped; the plain loader raises a clear error otherwise
+        return load_weights_only(path, "cpu")
+
+
+def safetensors_specs(path: Path) -> dict[str, TensorSpec]:
+    """Name, shape, dtype and size of every tensor of a safetensors file, from its header alone."""
+    with open(path, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > _MAX_HEADER_BYTES:
+            raise ValueError(f"{path}: safetensors header of {header_size} bytes")
+        header = json.loads(f.read(header_size))
+    return {
+        name: TensorSpec(tuple(entry["shape"]), _DTYPE_NAMES.get(entry["dtype"], entry["dtype"]),
+                         entry["data_offsets"][1] - entry["data_offsets"][0])
+        for name, entry in header.items() if name != "__metadata__"
+    }
+
+
+def hf_piece_files(folder: Path, piece: str) -> list[Path]:
+    """The files of the stock layout that hold `piece`."""
+    if piece == "model":
+        index = folder / MODEL_INDEX_FILE
+        if (folder / MODEL_FILE).is_file():
+            return [folder / MODEL_FILE]
+        if index.is_file():
+            return [index, *(folder / name for name in sorted(set(_weight_map(index).values())))]
+        return [folder / LEGACY_MODEL_FILE]
+    if piece in _TORCH_FILES:
+        return [folder / _TORCH_FILES[piece]]
+    if piece.startswith("rng"):
+        return [folder / rng_file_name(piece)]
+    if piece == "trainer_state":
+        return [folder / TRAINER_STATE_FILE]
+    if piece == TRAINING_ARGS_PIECE:
+        return [folder / "training_args.bin"]
+    if piece == PRETRAINED_PIECE:
+        return [folder / name for name in PRETRAINED_FILES if (folder / name).is_file()]
+    return [folder / f"{piece}.pt"]
+
+
+def describe_hf_piece(folder: Path, piece: str) -> Any:
+    """A piece of the stock layout with tensors as `TensorSpec`s (weights) or memory-mapped (torch files)."""
+    if piece == "model":
+        files = hf_piece_files(folder, piece)
+        if files[0].suffix == ".bin":
+            return load_torch_lazily(files[0])
+        specs: dict[str, TensorSpec] = {}
+        for shard in (f for f in files if f.suffix == ".safetensors"):
+            specs.update(safetensors_specs(shard))
+        return specs
+    if piece == TRAINING_ARGS_PIECE:
+        return "a full pickle of TrainingArguments (never loaded)"
+    if piece in ("trainer_state", PRETRAINED_PIECE) or piece.startswith("rng"):
+        return read_hf_piece(folder, piece)
+    return load_torch_lazily(hf_piece_files(folder, piece)[0])
+
+
+def read_hf_piece(folder: Path, piece: str) -> Any:
+    """A piece of the stock layout in full; `pretrained` is the JSON of its config files."""
+    if piece == PRETRAINED_PIECE:
+        return {p.name: json.loads(p.read_text()) for p in hf_piece_files(folder, piece)}
+    if piece == TRAINING_ARGS_PIECE:
+        raise CheckpointError(
+            f"{folder.name}/training_args.bin is a full pickle of TrainingArguments; it is never loaded, "
+            "because unpickling it could run code.", path=str(folder / "training_args.bin"))
+    engine = HFEngine()
+    engine.open(str(folder))
+    return engine.load(piece, "cpu")
+
+
+def _describe_torch_piece(folder: Path, piece: str) -> Any:
+    path = folder / piece
+    return load_torch_lazily(path if path.suffix else path.with_name(path.name + ".pt"))
+
+
+def _describe_safetensors_piece(folder: Path, piece: str) -> Any:
+    target = folder / piece
+    structure_path = target.with_name(target.name + ".json")
+    structure = json.loads(structure_path.read_text())["structure"]
+    specs = safetensors_specs(target.with_name(target.name + ".safetensors"))
+    # decode_tree only looks tensors up by key, so shape-and-dtype stand-ins come back in their places.
+    return decode_tree(structure, cast(dict[str, torch.Tensor], specs), where=str(structure_path))
+
+
+_DESCRIBERS: dict[str, Callable[[Path, str], Any]] = {
+    "hf": describe_hf_piece,
+    "torch": _describe_torch_piece,
+    "safetensors": _describe_safetensors_piece,
+}
+
+
+def as_state_dict(value: Any, *, where: str) -> dict[str, torch.Tensor]:
+    """`value` as a flat name -> tensor dict; a Lightning checkpoint dict gives its `state_dict`."""
+    if isinstance(value, Mapping) and isinstance(value.get("state_dict"), Mapping):
+        value = value["state_dict"]
+    if not isinstance(value, Mapping) or not value:
+        raise CheckpointError(f"{where}: not a dict of tensors. Pass --state NAME to choose the piece with the weights.")
+    not_tensors = [str(k) for k, v in value.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f"{where}: {len(not_tensors)} entries are not tensors (e.g. '{not_tensors[0]}'), so it is not a model "
+            "state dict. Pass --state NAME to choose the piece with the weights."
+        )
+    return {str(k): v for k, v in value.items()}
+
+
+# ------------------------------------------------------------------------------------- verification
+
+
+def _structure_problems(files: list[Path], load: Callable[[], Any], root: Path) -> list[FileProblem]:
+    """Load a piece in full (and check the CRCs of torch zip files); every failure as a problem."""
+    problems = [_crc_problem(path, root) for path in files if _is_zip(path)]
+    found = [p for p in problems if p is not None]
+    if found:
+        return found
+    try:
+        load()
+    except CheckpointError as exc:
+        return [_file_problem(exc, root)]
+    except (OSError, ValueError) as exc:
+        return [FileProblem(_label(files[0], root), "unreadable", f"{_label(files[0], root)}: unreadable ({exc}).")]
+    return []
+
+
+def _crc_problem(path: Path, root: Path) -> FileProblem | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad_member = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as exc:
+        return FileProblem(_label(path, root), "unreadable", f"{_label(path, root)}: not a readable torch file ({exc}).")
+    if bad_member is None:
+        return None
+    return FileProblem(_label(path, root), "checksum mismatch",
+                       f"{_label(path, root)}: CRC mismatch in its record {bad_member}: the file is damaged. "
+                       "Resume from another checkpoint.")
+
+
+def _is_zip(path: Path) -> bool:
+    return path.suffix in TORCH_FILE_SUFFIXES and path.is_file() and zipfile.is_zipfile(path)
+
+
+def _structure_note(kind: str) -> str:
+    writer = {KIND_HF_TRAINER: "the stock Trainer", KIND_LIGHTNING: "Lightning"}.get(kind, "another tool")
+    return (f"structure only: no manifest (written by {writer}), so there are no recorded sizes or checksums to "
+            "compare; every file was loaded and torch files' CRCs checked")
+
+
+def _file_problem(error: CheckpointError, root: Path) -> FileProblem:
+    file = _label(Path(error.path), root) if error.path else root.name
+    return FileProblem(file, getattr(error, "reason", "") or "unreadable", str(error))
+
+
+def _label(path: Path, root: Path) -> str:
+    """`path` relative to the checkpoint's parent, as messages name files: checkpoint-20/model.safetensors."""
+    try:
+        return path.resolve().relative_to(root.resolve().parent).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map is not a mapping")
+    return {str(k): str(v) for k, v in weight_map.items()}
+
+
+def _lightning_metrics(data: Mapping[str, Any]) -> dict[str, float]:
+    """The monitored score that Lightning's `ModelCheckpoint` stored in the file, when there is one."""
+    metrics = {}
+    for state in (data.get("callbacks") or {}).values():
+        if isinstance(state, Mapping) and state.get("monitor") and state.get("current_score") is not None:
+            metrics[str(state["monitor"])] = float(state["current_score"])
+    return metrics
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
