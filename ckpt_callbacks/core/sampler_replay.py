@@ -17,10 +17,12 @@ because indices always come from the main process.
 3. after a load, `load_state_dict(position, rng, batches_per_epoch)` arms the replay;
 4. `before_iterator()` just before the resumed run creates its iterator puts
    the RNG back, so an epoch-boundary resume draws the next permutation from
-   the same state as the uninterrupted run;
+   the same state as the uninterrupted run (call it again if the loop
+   discards that iterator and creates another for the epoch it trains);
 5. `after_iterator()` once the iterator exists puts it back again for a
    mid-epoch resume, undoing the draws that re-creating the iterator made and
-   the uninterrupted run did not.
+   the uninterrupted run did not;
+6. `finish()` once the first batch is fetched.
 """
 
 from __future__ import annotations
@@ -175,11 +177,19 @@ class SamplerResume:
             restore_rng_state(self._rng)
 
     def after_iterator(self) -> None:
-        """The iterator exists: for a mid-epoch resume, undo the RNG draws its creation made. Ends the resume."""
+        """The iterator exists: for a mid-epoch resume, undo the RNG draws its creation made.
+
+        An epoch-boundary resume stays armed: a loop may still discard this iterator and create the next epoch's
+        afresh, which must then again start from the saved RNG (`before_iterator`). `finish` ends the resume.
+        """
         if self.resuming_mid_epoch:
             assert self._rng is not None
             restore_rng_state(self._rng)
+            self.finish()
         elif self.sampler is not None:
             self.sampler.disarm()  # the loop starts a new epoch (e.g. limit_train_batches reached): no replay
+
+    def finish(self) -> None:
+        """The resumed run has consumed its first batch: the saved state has done its work."""
         self._rng = None
         self._position = {}

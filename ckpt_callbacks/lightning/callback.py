@@ -180,6 +180,15 @@ class CheckpointCallbackLogic:
         if resumed:
             self._policy.record_save(trainer.global_step)  # the step resumed from is saved already
 
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        # Resuming from a checkpoint taken after the epoch's last batch (in on_validation_end), Lightning finishes
+        # the old epoch and creates a new iterator for the next one: that iterator must draw from the saved state.
+        if self._data.resuming and _new_iterator_follows(trainer):
+            self._data.before_iterator()
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._data.finish()
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         assert self._policy is not None
         self._rng_before_validation = capture_rng_state()
@@ -411,6 +420,13 @@ def _fractional_epoch(trainer: Any) -> float:
 def _fitting(trainer: Any) -> bool:
     fn = getattr(trainer.state, "fn", None)
     return getattr(fn, "value", fn) == "fit"
+
+
+def _new_iterator_follows(trainer: Any) -> bool:
+    """Whether Lightning creates a new training iterator after `on_train_epoch_start` (mirrors its own rule in
+    `_TrainingEpochLoop.on_run_start`)."""
+    fit_loop = trainer.fit_loop
+    return bool(trainer.current_epoch > 0 and not fit_loop.is_resuming and not fit_loop.epoch_loop.restarting)
 
 
 def _validation_follows(trainer: Any) -> bool:
