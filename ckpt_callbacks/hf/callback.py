@@ -67,7 +67,7 @@ class CheckpointCallback(TrainerCallback):
         self._policy_decides = False
         self._last_eval: tuple[int, dict[str, Any]] | None = None
         self._saved_steps: set[int] = set()
-        self._reported: tuple[int, bool] | None = None  # (step, total time reported) of the last save logged
+        self._unreported_saves: list[SaveStats] = []  # filled in by the writer when each save is durable
         self._warned_missing_metric = False
         if trainer is not None:
             self.attach(trainer)
@@ -206,6 +206,8 @@ class CheckpointCallback(TrainerCallback):
         step = state.global_step
         pieces = checkpoint_pieces(trainer, trial, best_checkpoint=self._best_checkpoint_dir(run_dir, step))
         manager.save(step, pieces, metrics=self._metrics_at(step), epoch=state.epoch)
+        if manager.last_save is not None:
+            self._unreported_saves.append(manager.last_save)
         self._saved_steps.add(step)
         if self.policy is not None:
             self.policy.record_save(step)
@@ -261,22 +263,17 @@ class CheckpointCallback(TrainerCallback):
         if control.should_training_stop or state.global_step >= state.max_steps:
             # Last log before the stock end of training loads the best checkpoint and prunes folders.
             self.manager.wait()
-        stats = self._unreported_save_stats()
+        stats = self._finished_save_stats()
         if stats and logs is not None:
             logs.update(stats)
             if state.log_history and state.log_history[-1].get("step") == state.global_step:
                 state.log_history[-1].update(stats)  # Trainer.log appended its copy just before on_log
 
-    def _unreported_save_stats(self) -> dict[str, float]:
-        assert self.manager is not None
-        last = self.manager.last_save
-        if last is None or self._reported == (last.step, True):
-            return {}
-        finished = last.total_seconds is not None
-        if self._reported == (last.step, False) and not finished:
-            return {}
-        self._reported = (last.step, finished)
-        return save_stats_for_log(last)
+    def _finished_save_stats(self) -> dict[str, float]:
+        """The cost of the saves that became durable since the last log, each reported once."""
+        finished = [stats for stats in self._unreported_saves if stats.total_seconds is not None]
+        self._unreported_saves = [stats for stats in self._unreported_saves if stats.total_seconds is None]
+        return save_stats_for_log(finished) if finished else {}
 
     # ------------------------------------------------------------------ end of training
 
@@ -308,13 +305,14 @@ class CheckpointCallback(TrainerCallback):
         logger.info("Exported the final model to %s.", export_dir)
 
 
-def save_stats_for_log(stats: SaveStats) -> dict[str, float]:
-    """What the last save cost, as Trainer log keys: time training waited, time until durable, throughput."""
-    logs = {"ckpt_save_blocking_s": round(stats.blocking_seconds, 4)}
-    if stats.total_seconds is not None:
-        logs["ckpt_save_total_s"] = round(stats.total_seconds, 4)
-        if stats.total_seconds > 0 and stats.bytes_written:
-            logs["ckpt_save_MBps"] = round(stats.bytes_written / 1e6 / stats.total_seconds, 2)
+def save_stats_for_log(saves: list[SaveStats]) -> dict[str, float]:
+    """What durable saves cost, as Trainer log keys: seconds training waited, seconds until durable, MB/s."""
+    blocking = sum(stats.blocking_seconds for stats in saves)
+    total = sum(stats.total_seconds or 0.0 for stats in saves)
+    written = sum(stats.bytes_written for stats in saves)
+    logs = {"ckpt_save_blocking_s": round(blocking, 4), "ckpt_save_total_s": round(total, 4)}
+    if total > 0:
+        logs["ckpt_save_MBps"] = round(written / 1e6 / total, 2)
     return logs
 
 
