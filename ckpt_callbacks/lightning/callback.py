@@ -139,6 +139,7 @@ class CheckpointCallbackLogic:
             self.dirpath = str(self._output_dir)
         self._reset_run_state()
         self.preempted = False
+        self._preemption = PreemptionFlag()
         self._plugin = _find_plugin(trainer)
         self._plugin.register_run(self.manager)
         self._policy = SavePolicy(self.args, self.manager.best_tracker)
@@ -146,8 +147,6 @@ class CheckpointCallbackLogic:
         # the only moment at which wrapping it works for every num_workers.
         loader = getattr(getattr(trainer.fit_loop, "_data_source", None), "instance", None)
         self._data.attach(loader, _batches_per_epoch(trainer, loader))
-        if self.args.save_on_signal:
-            self._preemption.install()
 
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
@@ -179,6 +178,10 @@ class CheckpointCallbackLogic:
         self._last_step_seen = trainer.global_step
         if resumed:
             self._policy.record_save(trainer.global_step)  # the step resumed from is saved already
+        if self.args.save_on_signal:
+            # After Lightning installed its own handlers (it does so after on_fit_start): ours replace them for
+            # the training, so SIGTERM means "save at the next step, then return from fit" instead of an exception.
+            self._preemption.install()
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         # Resuming from a checkpoint taken after the epoch's last batch (in on_validation_end), Lightning finishes

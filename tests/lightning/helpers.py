@@ -146,5 +146,34 @@ def tensors_equal(a: Any, b: Any) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b, strict=True))
     return bool(a == b)
+
+
+def weights_of(module: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def weight_recorder(ns: Namespace, hook: str = "on_train_epoch_end") -> Any:
+    """Records the module's weights at `hook`, keyed by global step (it runs before our Checkpoint callback,
+    which Lightning always calls last, so it sees the weights that callback saves)."""
+
+    class Recorder(ns.pl.Callback):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            self.weights: dict[int, dict[str, torch.Tensor]] = {}
+            self.start_step: int | None = None
+            self.start_weights: dict[str, torch.Tensor] = {}
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            self.start_step = trainer.global_step
+            self.start_weights = weights_of(pl_module)
+
+    def record(self: Any, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.weights[trainer.global_step] = weights_of(pl_module)
+
+    setattr(Recorder, hook, record)
+    return Recorder()
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in output_dir.iterdir() if p.name.startswith("checkpoint-"))

@@ -1,0 +1,183 @@
+"""`CheckpointIOPlugin`: stock consumers read what it writes; writes are atomic, verified, and fail loudly."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from ckpt_callbacks import CheckpointCorruptError, CheckpointError, CheckpointWriteError
+from ckpt_callbacks.core.manifest import parse_manifest, verify_files
+from tests.lightning.helpers import (
+    Namespace,
+    seed_everything,
+    tensors_equal,
+    train_loader,
+    val_loader,
+    weight_recorder,
+    weights_of,
+)
+
+
+def fit_ours(ns: Namespace, root: Path, *, callbacks: list[Any] = (), max_epochs: int = 2, **args: Any) -> tuple[Any, Any]:
+    seed_everything(0)
+    plugin, callback = ns.ours(root, **args)
+    trainer = ns.trainer(root, callbacks=[callback, *callbacks], plugins=[plugin], max_epochs=max_epochs)
+    trainer.fit(ns.Tiny(), train_loader(), val_loader())
+    return trainer, callback
+
+
+def test_adapter_classes_belong_to_their_namespace(ns: Namespace, tmp_path: Path) -> None:
+    plugin, callback = ns.ours(tmp_path)
+    trainer = ns.trainer(tmp_path, callbacks=[callback], plugins=[plugin])
+    assert trainer.checkpoint_callback is callback  # so ckpt_path="best"/"last" consult it
+    assert trainer.strategy.checkpoint_io is plugin
+    assert isinstance(callback, ns.callback_class("Checkpoint"))
+
+
+def test_committed_checkpoint_loads_with_stock_lightning_without_the_plugin(ns: Namespace, tmp_path: Path) -> None:
+    recorder = weight_recorder(ns, "on_train_batch_end")
+    _, callback = fit_ours(ns, tmp_path / "run", callbacks=[recorder], save_steps=5)
+    path = str(tmp_path / "run" / "checkpoints" / "checkpoint-15" / "checkpoint.ckpt")
+
+    loaded = ns.Tiny.load_from_checkpoint(path)
+    assert tensors_equal(weights_of(loaded), recorder.weights[15])
+    assert loaded.hparams.hidden == 16
+
+    stock_start = weight_recorder(ns)
+    stock = ns.trainer(tmp_path / "stock", callbacks=[stock_start], enable_checkpointing=False)  # no plugin
+    stock.fit(ns.Tiny(), train_loader(), val_loader(), ckpt_path=path)
+    assert stock_start.start_step == 15 and stock.global_step == 30
+    assert tensors_equal(stock_start.start_weights, recorder.weights[15])
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_stock_model_checkpoint_through_the_plugin_writes_verified_single_files(
+    ns: Namespace, tmp_path: Path, async_save: bool
+) -> None:
+    from ckpt_callbacks import CheckpointArguments
+
+    folder = tmp_path / "stock"
+    plugin = ns.adapter.CheckpointIOPlugin(CheckpointArguments(async_save=async_save))
+    model_checkpoint = ns.callback_class("ModelCheckpoint")(dirpath=str(folder), every_n_train_steps=5, save_last=True)
+    trainer = ns.trainer(tmp_path, callbacks=[model_checkpoint], plugins=[plugin], max_epochs=2)
+    seed_everything(0)
+    module = ns.Tiny()
+    trainer.fit(module, train_loader(), val_loader())
+
+    # top-1 rotation removed every older file and its manifest, and no temporary file was left behind
+    assert sorted(os.listdir(folder)) == [
+        "epoch=1-step=20.ckpt", "epoch=1-step=20.ckpt.manifest.json", "last.ckpt", "last.ckpt.manifest.json"]
+    last = folder / "last.ckpt"
+    verify_files(folder, parse_manifest((folder / "last.ckpt.manifest.json").read_bytes(), source="t"), "checksum")
+    assert tensors_equal(weights_of(ns.Tiny.load_from_checkpoint(str(last))), weights_of(module))
+
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError, match=r"stock/last\.ckpt: checksum mismatch"):
+        plugin.load_checkpoint(last)
+    resume = ns.trainer(tmp_path, callbacks=[], plugins=[ns.adapter.CheckpointIOPlugin()], max_epochs=3)
+    with pytest.raises(CheckpointCorruptError, match="checksum mismatch"):
+        resume.fit(ns.Tiny(), train_loader(), val_loader(), ckpt_path=str(last))
+
+
+def test_load_checkpoint_takes_both_signatures_and_never_runs_pickled_code(ns: Namespace, tmp_path: Path) -> None:
+    plugin = ns.adapter.CheckpointIOPlugin()
+    path = tmp_path / "plain.ckpt"
+    plugin.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 3}, path)
+    plugin.teardown()
+    for loaded in (plugin.load_checkpoint(path),  # Lightning 2.6: (path, weights_only=None)
+                   plugin.load_checkpoint(path, "cpu"),  # Lightning 2.5: (path, map_location)
+                   plugin.load_checkpoint(path, map_location=None, weights_only=False)):
+        assert torch.equal(loaded["state_dict"]["w"], torch.ones(2)) and loaded["global_step"] == 3
+
+    # hyperparameters such as an argparse.Namespace need a full unpickle: refused, with the way out named
+    torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=0.1)}, tmp_path / "namespace.ckpt")
+    with pytest.raises(CheckpointError, match=r"refused to load.*weights_only=False"):
+        plugin.load_checkpoint(tmp_path / "namespace.ckpt", weights_only=False)
+
+
+def test_save_into_a_path_below_a_regular_file_raises_and_names_it(ns: Namespace, tmp_path: Path) -> None:
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a regular file")
+    plugin = ns.adapter.CheckpointIOPlugin(async_save=False)
+    with pytest.raises(CheckpointWriteError, match=r"not_a_folder.*Not a directory.*Earlier checkpoints are untouched"):
+        plugin.save_checkpoint({"global_step": 1}, blocker / "epoch=0-step=1.ckpt")
+
+
+@contextlib.contextmanager
+def write_access_revoked(folder: Path) -> Iterator[None]:
+    """Make `folder` unwritable for this process. Root ignores permission bits, so as root the process drops its
+    effective uid to `nobody` (the kernel then refuses writes into root's 0755 folder) and takes it back after."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        try:
+            yield
+        finally:
+            folder.chmod(0o755)
+        return
+    os.seteuid(pwd.getpwnam("nobody").pw_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_unwritable_output_dir_raises_clearly_and_keeps_earlier_checkpoints(ns: Namespace, async_save: bool) -> None:
+    base = Path(tempfile.mkdtemp(prefix="ckpt-unwritable-"))
+    base.chmod(0o755)  # traversable by the unprivileged user
+    output_dir = base / "checkpoints"
+    revoked = contextlib.ExitStack()
+
+    class LoseWriteAccess(ns.pl.Callback):  # type: ignore[name-defined,misc]
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == 12:
+                trainer.checkpoint_callback.manager.wait()  # checkpoint-5 and checkpoint-10 are durable now
+                revoked.enter_context(write_access_revoked(output_dir))
+
+    try:
+        with pytest.raises(CheckpointWriteError) as raised:
+            fit_ours(ns, base, callbacks=[LoseWriteAccess()], save_steps=5, async_save=async_save)
+        revoked.close()
+        message = str(raised.value)
+        assert str(output_dir) in message and "Permission denied" in message
+        assert "Make the folder writable or choose another output_dir" in message
+        _, callback = ns.ours(base, save_steps=5)
+        assert [info.step for info in callback.manager.list()] == [5, 10]
+        for info in callback.manager.list():
+            verify_files(Path(info.path), info.manifest, "checksum")
+    finally:
+        revoked.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_callback_without_the_plugin_says_how_to_fix_it(ns: Namespace, tmp_path: Path) -> None:
+    _, callback = ns.ours(tmp_path)
+    trainer = ns.trainer(tmp_path, callbacks=[callback])
+    with pytest.raises(ValueError, match=r"plugins=\[CheckpointIOPlugin\(\)\]"):
+        trainer.fit(ns.Tiny(), train_loader(), val_loader())
+
+
+def test_sigterm_saves_at_the_next_step_and_returns_from_fit(ns: Namespace, tmp_path: Path) -> None:
+    class Preempt(ns.pl.Callback):  # type: ignore[name-defined,misc]
+        def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == 6:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    trainer, callback = fit_ours(ns, tmp_path, callbacks=[Preempt()], save_steps=100)
+    assert callback.preempted and trainer.global_step == 7
+    assert [info.step for info in callback.manager.list()] == [7]
+    assert signal.getsignal(signal.SIGTERM) == previous
