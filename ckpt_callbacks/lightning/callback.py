@@ -303,7 +303,7 @@ class CheckpointCallbackLogic:
     def _export(self, pl_module: Any) -> None:
         model, pretrained_objects = exportable_model(pl_module)
         export_dir = self.args.export_dir or str(self.output_dir / "export")
-        export_safetensors(model.state_dict(), export_dir, max_shard_size=self.args.max_shard_size,
+        export_safetensors(model.state_dict(), export_dir, max_shard_size=self.args.max_shard_bytes,
                            pretrained_objects=pretrained_objects)
 
 
