@@ -96,3 +96,18 @@ def test_a_strategy_the_trainer_would_overrule_is_refused_at_construction(tmp_pa
 def test_unknown_flags_are_refused_with_the_valid_names() -> None:
     with pytest.raises(TypeError, match="save_stepz.*save_steps"):
         CheckpointCallback(save_stepz=10)
+
+
+def test_save_time_interval_adds_saves_to_the_trainer_strategy(tmp_path: Path) -> None:
+    train(tmp_path, [CheckpointCallback(save_time_interval=1e-9, export_at_end=False)], save_strategy="no", max_steps=3)
+    assert checkpoint_steps(tmp_path) == [1, 2, 3]
+
+
+def test_save_only_model_writes_weights_and_state_but_no_training_state(tmp_path: Path) -> None:
+    train(tmp_path / "stock", [], save_only_model=True, max_steps=4)
+    train(tmp_path / "ours", [CheckpointCallback(export_at_end=False)], save_only_model=True, max_steps=4)
+
+    stock_files = {p.name for p in (tmp_path / "stock" / "checkpoint-4").iterdir()}
+    our_files = {p.name for p in (tmp_path / "ours" / "checkpoint-4").iterdir()}
+    assert stock_files <= our_files
+    assert {"optimizer.pt", "scheduler.pt"}.isdisjoint(our_files)
