@@ -42,8 +42,7 @@ def export_safetensors(
     """
     target = Path(out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f"{layout.STAGING_PREFIX}{target.name}-export"
-    remove_tree_quietly(staging)
+    staging = target.parent / layout.staging_name_for(target.name)
     staging.mkdir()
     try:
         written = _write_shards(unique_tensors(state_dict), staging, max_shard_size)

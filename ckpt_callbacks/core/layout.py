@@ -32,7 +32,12 @@ def parse_checkpoint_step(name: str) -> int | None:
 
 
 def staging_name(step: int) -> str:
-    return f"{STAGING_PREFIX}{checkpoint_name(step)}-{uuid.uuid4().hex[:8]}"
+    return staging_name_for(checkpoint_name(step))
+
+
+def staging_name_for(final_name: str) -> str:
+    """A hidden, unique name to build `final_name` under before renaming it into place."""
+    return f"{STAGING_PREFIX}{final_name}-{uuid.uuid4().hex[:8]}"
 
 
 def trash_name(name: str) -> str:

@@ -213,6 +213,8 @@ class CheckpointManager:
             raise ValueError(f"step={step} must be >= 0.")
         # Surface an earlier background failure and wait for a free staging buffer before copying anything.
         self._report_failures(lambda: self._writer._raise_first_failure(block_until=self.args.max_in_flight - 1))
+        # On the caller's thread, so the cleanup cannot race with anything else that thread starts later.
+        self._prepare_for_writing()
         self._open_transaction = Transaction(self, step, epoch)
         return self._open_transaction
 
@@ -485,7 +487,6 @@ class _CommitJob:
     def __call__(self) -> None:
         manager = self.manager
         collective = manager.collective
-        manager._prepare_for_writing()
         if collective.rank == 0:
             manager.store.check_free_space(manager._expected_size())
         try:
