@@ -102,14 +102,17 @@ def test_kill_at_random_instants_never_leaves_a_broken_latest(
     started = time.monotonic()
     next_step = 1
     kills = 0
+    kills_mid_write = 0
     while kills < KILLS_PER_MODE and time.monotonic() - started < TIME_BUDGET_SECONDS:
         pid = start_child(fork_server, tmp_path, mode, next_step)
         time.sleep(rng.uniform(0.0, 0.6))
         os.kill(pid, signal.SIGKILL)
         wait_until_gone(pid)
         kills += 1
+        kills_mid_write += any(layout.is_leftover(name) for name in os.listdir(tmp_path))
         next_step = check_consistent(tmp_path)
     assert kills >= 10, f"only {kills} kills fit in the time budget"
+    assert kills_mid_write >= 3, "the kills did not interrupt any write: the test would prove nothing"
     # The next start cleans what the kills left behind (staging, trash and export staging folders).
     manager = CheckpointManager(CheckpointArguments(output_dir=str(tmp_path), save_total_limit=2, async_save=False))
     manager.save(next_step, {"model": torch.nn.Linear(2, 2)})
