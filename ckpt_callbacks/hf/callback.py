@@ -33,6 +33,7 @@ from ckpt_callbacks.hf.capture import (
     processing_class_of,
     unwrapped_model,
 )
+from ckpt_callbacks.hf.resume import verified_resume_checkpoint
 
 logger = logging.getLogger("ckpt_callbacks.hf")
 
@@ -51,6 +52,14 @@ class CheckpointCallback(TrainerCallback):
     or keyword flags (`CheckpointCallback(save_steps=50, async_save=False)`) override them. Pass
     `trainer=` when the callback is added after the Trainer was built and before `train()`; otherwise the
     Trainer is found when it fires `on_init_end` or `on_train_begin`.
+
+    What stays with the stock Trainer, by design:
+      - `TrainingArguments(load_best_model_at_end=True)`: the Trainer loads the best checkpoint itself
+        (from our files); the callback loads it only when the flag is the callback's alone.
+      - `TrainingArguments(save_total_limit=1)`: at the end of training the Trainer deletes every checkpoint
+        but the best, as it always does (retention during training is the core's).
+      - DeepSpeed and FSDP are refused (sharded optimizer state); PEFT models are saved as full weights;
+        the Ray Tune writer `_tune_save_checkpoint` is not covered.
     """
 
     def __init__(self, args: CheckpointArguments | None = None, *, trainer: Any = None, **flags: Any) -> None:
@@ -85,7 +94,7 @@ class CheckpointCallback(TrainerCallback):
         self._policy_decides = policy_decides(self.args, trainer.args)
         self.trainer = trainer
         trainer_hooks.shadow_save_checkpoint(trainer, self._save_checkpoint)
-        trainer_hooks.call_on_train_failure(trainer, self._on_train_failure)
+        trainer_hooks.wrap_train(trainer, self._verified_resume, self._on_train_failure)
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._attach_from_stack()
@@ -107,8 +116,11 @@ class CheckpointCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ run lifecycle
 
+    def _verified_resume(self, requested: Any) -> Any:
+        """Runs before `Trainer.train`: the checkpoint a resume starts from, checked against its manifest."""
+        return verified_resume_checkpoint(requested, self._manager_for(self._run_dir(trial=None)))
+
     def _start_run(self, state: TrainerState) -> None:
-        self._finish_run()  # a previous train() call of the same Trainer
         assert self.args is not None
         manager = self._manager_for(self._run_dir(trial=None))
         self.policy = SavePolicy(self.args, BestTracker(manager.metric_rule))
@@ -128,6 +140,7 @@ class CheckpointCallback(TrainerCallback):
     def _finish_run(self) -> None:
         """Flush pending writes and release the output folder; raises a background write error."""
         self.preemption.uninstall()
+        self.policy = None
         manager, self.manager = self.manager, None
         if manager is not None:
             manager.close()
@@ -176,7 +189,7 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         metrics: Mapping[str, Any] | None = None, **kwargs: Any,
     ) -> None:
-        if self.policy is None or metrics is None:
+        if self.policy is None or self.manager is None or metrics is None:
             return  # an evaluation outside train()
         self._last_eval = (state.global_step, dict(metrics))
         self._warn_if_metric_missing(metrics)

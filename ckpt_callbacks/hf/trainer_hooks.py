@@ -5,9 +5,9 @@ and no event fires between the stock loop's save decision and its call to
 `Trainer._save_checkpoint`. So the adapter (1) finds the Trainer that fired an
 event, (2) shadows `_save_checkpoint` on that instance (an instance attribute
 wins over the class method; the Trainer's own flow still decides when to call
-it and still fires `on_save` after it), and (3) wraps `train` on the instance so
-pending background writes are flushed when training raises (`on_train_end`
-does not fire then).
+it and still fires `on_save` after it), and (3) wraps `train` on the instance, to verify the checkpoint a
+resume starts from before the stock loader reads it, and to flush pending
+background writes when training raises (`on_train_end` does not fire then).
 """
 
 from __future__ import annotations
@@ -47,16 +47,17 @@ def restore_save_checkpoint(trainer: Any) -> None:
     trainer.__dict__.pop(SAVE_METHOD, None)
 
 
-def call_on_train_failure(trainer: Any, on_failure: Callable[[], None]) -> None:
-    """Make `trainer.train` call `on_failure()` before an exception leaves it, then re-raise."""
+def wrap_train(trainer: Any, resolve_resume: Callable[[Any], Any], on_failure: Callable[[], None]) -> None:
+    """Make `trainer.train` pass its `resume_from_checkpoint` through `resolve_resume` first, and call
+    `on_failure()` before an exception leaves it (then re-raise)."""
     train = trainer.train
 
     @functools.wraps(train)
-    def train_flushing_on_failure(*args: Any, **kwargs: Any) -> Any:
+    def train_with_checked_resume(resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
         try:
-            return train(*args, **kwargs)
+            return train(resolve_resume(resume_from_checkpoint), *args, **kwargs)
         except BaseException:
             on_failure()
             raise
 
-    trainer.train = train_flushing_on_failure
+    trainer.train = train_with_checked_resume

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import xxhash
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ckpt_callbacks import CheckpointCorruptError
 from ckpt_callbacks.core.manager import read_checkpoint_info
 from ckpt_callbacks.core.manifest import find_problems
 from ckpt_callbacks.hf import CheckpointCallback
@@ -148,3 +150,37 @@ def test_stock_save_checkpoint_never_runs(
     assert checkpoint_steps(tmp_path) == expected_steps
     for step in expected_steps:
         assert (tmp_path / f"checkpoint-{step}" / "manifest.json").is_file()
+
+
+class StartStep(TrainerCallback):
+    """Records the step training (re)starts at."""
+
+    step: int | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.step = state.global_step
+
+
+def flip_one_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_resume_from_a_corrupted_checkpoint_names_the_bad_file(tmp_path: Path) -> None:
+    make_trainer(tmp_path, [CheckpointCallback(export_at_end=False)], max_steps=8).train()
+    flip_one_byte(tmp_path / "checkpoint-8" / "optimizer.pt")
+
+    resumed = make_trainer(tmp_path, [CheckpointCallback(export_at_end=False)], max_steps=10)
+    with pytest.raises(CheckpointCorruptError, match=r"checkpoint-8/optimizer\.pt: checksum mismatch"):
+        resumed.train(resume_from_checkpoint=True)
+
+
+def test_fallback_to_verified_resumes_from_the_newest_intact_checkpoint(tmp_path: Path) -> None:
+    make_trainer(tmp_path, [CheckpointCallback(export_at_end=False)], max_steps=8).train()
+    flip_one_byte(tmp_path / "checkpoint-8" / "model.safetensors")
+
+    start = StartStep()
+    callback = CheckpointCallback(export_at_end=False, fallback_to_verified=True)
+    make_trainer(tmp_path, [callback, start], max_steps=10).train(resume_from_checkpoint=True)
+    assert start.step == 4
