@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import torch
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.export import export_safetensors
 from ckpt_callbacks.core.manager import CheckpointInfo, CheckpointManager
+from ckpt_callbacks.core.manifest import find_problems
 from ckpt_callbacks.core.policy import SavePolicy
 from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
 from ckpt_callbacks.core.sampler_replay import SamplerResume
@@ -82,6 +84,7 @@ class CheckpointCallbackLogic:
         self._data = SamplerResume()
         self._preemption = PreemptionFlag()
         self._reset_run_state()
+        _silence_misleading_lightning_warnings()
 
     def _reset_run_state(self) -> None:
         self._last_step_seen: int | None = None
@@ -111,8 +114,18 @@ class CheckpointCallbackLogic:
 
     @property
     def ckpt_path(self) -> str:
-        """The newest committed checkpoint ("" when none): what `fit(ckpt_path="last")` resumes from."""
-        return _checkpoint_file(self.manager.latest())
+        """The newest committed checkpoint ("" when none): what `fit(ckpt_path="last")` resumes from.
+
+        With `fallback_to_verified`, the newest one whose files pass `verify_on_load`."""
+        infos = self.manager.list()
+        if not self.args.fallback_to_verified:
+            return _checkpoint_file(infos[-1] if infos else None)
+        for info in reversed(infos):
+            problems = find_problems(Path(info.path), info.manifest, self.args.verify_on_load)
+            if not problems:
+                return _checkpoint_file(info)
+            logger.warning("Not resuming from %s: %s", info.name, problems[0])
+        return ""
 
     @property
     def last_model_path(self) -> str:
@@ -125,7 +138,8 @@ class CheckpointCallbackLogic:
 
     @property
     def best_model_score(self) -> torch.Tensor | None:
-        value = self.manager.best_tracker.best_value if self.manager.best() is not None else None
+        best = self.manager.best()
+        value = self.manager.metric_rule.value_in(best.metrics) if best is not None else None
         return None if value is None else torch.tensor(value)
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -423,6 +437,15 @@ def _fractional_epoch(trainer: Any) -> float:
 def _fitting(trainer: Any) -> bool:
     fn = getattr(trainer.state, "fn", None)
     return getattr(fn, "value", fn) == "fit"
+
+
+def _silence_misleading_lightning_warnings() -> None:
+    """Two Lightning warnings say the opposite of what happens with this callback: that fit(ckpt_path=None)
+    loads "the last model of the previous fit" (it resumes from the newest checkpoint in output_dir, and
+    Lightning logs the path), and that a mid-epoch resume of a plain DataLoader is unreliable (the callback
+    replays the epoch exactly; where it cannot, it warns itself). Only these two messages are filtered."""
+    warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def _new_iterator_follows(trainer: Any) -> bool:

@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.lightning.helpers import Namespace, seed_everything, tensors_equal, train_loader, val_loader, weights_of
+from tests.lightning.helpers import (
+    Namespace,
+    seed_everything,
+    tensors_equal,
+    train_loader,
+    val_loader,
+    weights_of,
+)
 
 
 def test_plain_module_exports_sharded_safetensors_with_an_index(ns: Namespace, tmp_path: Path) -> None:

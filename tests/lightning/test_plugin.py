@@ -181,3 +181,31 @@ def test_sigterm_saves_at_the_next_step_and_returns_from_fit(ns: Namespace, tmp_
     assert callback.preempted and trainer.global_step == 7
     assert [info.step for info in callback.manager.list()] == [7]
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_corrupt_newest_checkpoint_fails_resume_unless_fallback_is_allowed(ns: Namespace, tmp_path: Path) -> None:
+    fit_ours(ns, tmp_path, max_epochs=1, save_steps=5)
+    newest = tmp_path / "checkpoints" / "checkpoint-10" / "checkpoint.ckpt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    newest.write_bytes(bytes(data))
+
+    plugin, callback = ns.ours(tmp_path, save_steps=5)
+    trainer = ns.trainer(tmp_path, callbacks=[callback], plugins=[plugin], max_epochs=2)
+    with pytest.raises(CheckpointCorruptError, match=r"checkpoint-10/checkpoint\.ckpt: checksum mismatch"):
+        trainer.fit(ns.Tiny(), train_loader(), val_loader(), ckpt_path="last")
+
+    start = weight_recorder(ns)
+    plugin, callback = ns.ours(tmp_path, save_steps=5, fallback_to_verified=True)
+    assert callback.ckpt_path == str(tmp_path / "checkpoints" / "checkpoint-5" / "checkpoint.ckpt")
+    trainer = ns.trainer(tmp_path, callbacks=[callback, start], plugins=[plugin], max_epochs=2)
+    trainer.fit(ns.Tiny(), train_loader(), val_loader(), ckpt_path="last")
+    assert start.start_step == 5 and trainer.global_step == 20
+
+
+def test_fit_without_ckpt_path_resumes_from_the_newest_checkpoint(ns: Namespace, tmp_path: Path) -> None:
+    # Lightning turns ckpt_path=None into "last" when an OnExceptionCheckpoint (our base class) is present.
+    fit_ours(ns, tmp_path, max_epochs=1, save_steps=5)
+    start = weight_recorder(ns)
+    trainer, _ = fit_ours(ns, tmp_path, callbacks=[start], max_epochs=2, save_steps=5)
+    assert start.start_step == 10 and trainer.global_step == 20
