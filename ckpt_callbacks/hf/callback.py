@@ -75,6 +75,7 @@ class CheckpointCallback(TrainerCallback):
         self.export_dir: str | None = None
         self._policy_decides = False
         self._last_eval: tuple[int, dict[str, Any]] | None = None
+        self._evaluations: BestTracker | None = None  # every evaluation of this run, saved or not
         self._saved_steps: set[int] = set()
         self._unreported_saves: list[SaveStats] = []  # filled in by the writer when each save is durable
         self._warned_missing_metric = False
@@ -123,16 +124,16 @@ class CheckpointCallback(TrainerCallback):
     def _start_run(self, state: TrainerState) -> None:
         assert self.args is not None
         manager = self._manager_for(self._run_dir(trial=None))
-        self.policy = SavePolicy(self.args, BestTracker(manager.metric_rule))
+        self._evaluations = BestTracker(manager.metric_rule)
+        self.policy = SavePolicy(self.args, self._evaluations)
         self.policy.set_max_steps(state.max_steps)
-        committed = manager.list()
-        self._saved_steps = {info.step for info in committed}
+        self._saved_steps = {info.step for info in manager.list()}
         if state.global_step > 0:
             # Resumed: never rotate away the checkpoint this run started from, and remember its best.
             manager.resumed_from_step = state.global_step
             best = manager.best()
             if best is not None and (value := manager.metric_rule.value_in(best.metrics)) is not None:
-                self.policy.best.reset_from([(best.step, value)])  # type: ignore[union-attr]
+                self._evaluations.reset_from([(best.step, value)])
         self.preemption = PreemptionFlag()
         if self.args.save_on_signal:
             self.preemption.install()
@@ -236,11 +237,12 @@ class CheckpointCallback(TrainerCallback):
         return None
 
     def _best_step(self) -> int | None:
+        """The Trainer's best step when it tracks one (its flags), else the best of our evaluations."""
         trainer_args = self.trainer.args
         trainer_tracks = trainer_args.metric_for_best_model is not None and enum_value(trainer_args.save_strategy) in _TRACKED_BY_TRAINER
-        if trainer_tracks:
+        if trainer_tracks or self._evaluations is None:
             return self.trainer.state.best_global_step
-        return self.policy.best.best_step if self.policy is not None and self.policy.best is not None else None
+        return self._evaluations.best_step
 
     def _metrics_at(self, step: int) -> dict[str, Any] | None:
         """The evaluation of exactly these weights, if one ran at this step: it ranks the checkpoint."""
