@@ -67,6 +67,8 @@ PRETRAINED_FILE_NAMES = (
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
     "preprocessor_config.json", "processor_config.json",
 )
+MAX_METRIC_COLUMNS = 4
+_HIDDEN_METRIC_SUFFIXES = ("_runtime", "_per_second")
 LEFTOVER_NOTE = "an interrupted save, never visible as a checkpoint; the next training run in this folder removes it"
 _DIFF_CHUNK = 1 << 24
 
@@ -122,7 +124,9 @@ def _mark_best_and_latest(rows: list[dict[str, Any]], rule: MetricRule | None) -
 
 def _render_list(result: Mapping[str, Any]) -> str:
     rows = result["checkpoints"]
-    metric_names = sorted({name for row in rows for name in row["metrics"]})
+    all_metrics = {name for row in rows for name in row["metrics"]}
+    ranking = [result["metric"]["name"]] if result["metric"] else []
+    metric_names = _metric_columns(all_metrics, ranking)
     table = [
         [row["name"], _text(row["step"]), format_number(row["epoch"]),
          *(format_number(row["metrics"].get(m)) for m in metric_names),
@@ -135,10 +139,20 @@ def _render_list(result: Mapping[str, Any]) -> str:
     metric = result["metric"]
     if metric is not None and any(row["best"] for row in rows):
         lines.append(f"best by {metric['name']} ({'higher' if metric['greater_is_better'] else 'lower'} is better)")
+    if len(all_metrics) > len(metric_names):
+        lines.append(f"{len(all_metrics) - len(metric_names)} more metric(s) (timings, throughput) with --json")
     lines += [f"incomplete: {row['name']}: {problem}" for row in rows for problem in row["problems"]]
     lines += [f"unreadable: {entry['name']}: {entry['error']}" for entry in result["unreadable"]]
     lines += [f"uncommitted: {name} ({LEFTOVER_NOTE})" for name in result["uncommitted"]]
     return "\n".join(lines)
+
+
+def _metric_columns(names: set[str], ranking: list[str]) -> list[str]:
+    """The ranking metric first, then quality metrics; timings and throughput only in --json."""
+    present_ranking = [m for m in ranking if m in names]
+    others = sorted(m for m in names - set(present_ranking) if not m.endswith(_HIDDEN_METRIC_SUFFIXES)
+                    and not m.startswith("ckpt_") and m not in ("epoch", "step"))
+    return (present_ranking + others)[:MAX_METRIC_COLUMNS]
 
 
 def _marks(row: Mapping[str, Any]) -> str:
@@ -684,6 +698,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _import_modules(modules: Sequence[str]) -> None:
+    if modules and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` does: modules next to where the command runs are found
     for module in modules:
         try:
             importlib.import_module(module)

@@ -83,6 +83,8 @@ def as_spec(tensor: torch.Tensor | TensorSpec) -> TensorSpec:
 
 def summarize_state(name: str, value: Any) -> dict[str, Any]:
     """What `inspect` reports about one piece: tensors, optimizer state, RNG generators, or plain values."""
+    if _is_lightning_checkpoint(value):
+        return {"type": "lightning", "parts": {str(k): summarize_state(str(k), v) for k, v in value.items()}}
     if _is_tensor_dict(value):
         return _tensors_summary(value)
     if _is_optimizer_state(value):
@@ -108,6 +110,8 @@ def render_state(name: str, summary: Mapping[str, Any]) -> str:
         return "\n".join(_render_optimizer(f"{name}[{i}]", o) for i, o in enumerate(summary["optimizers"]))
     if kind == "rng":
         return f"{name}: RNG state of {', '.join(summary['generators'])}"
+    if kind == "lightning":
+        return "\n".join(render_state(f"{name}[{part}]", s) for part, s in summary["parts"].items())
     return _render_value(name, summary["value"])
 
 
@@ -165,6 +169,11 @@ def _is_tensor(value: Any) -> bool:
 
 def _is_tensor_dict(value: Any) -> bool:
     return isinstance(value, Mapping) and bool(value) and all(_is_tensor(v) for v in value.values())
+
+
+def _is_lightning_checkpoint(value: Any) -> bool:
+    """The dict Lightning saves: `state_dict` plus loop, optimizer and callback states."""
+    return isinstance(value, Mapping) and isinstance(value.get("state_dict"), Mapping) and "global_step" in value
 
 
 def _is_optimizer_state(value: Any) -> bool:

@@ -38,7 +38,8 @@ from ckpt_callbacks.core.engines.hf_engine import (
 from ckpt_callbacks.core.engines.torch_engine import load_weights_only
 from ckpt_callbacks.core.engines.tree_codec import decode_tree
 from ckpt_callbacks.core.manager import read_checkpoint_info
-from ckpt_callbacks.core.manifest import Manifest, find_problems
+from ckpt_callbacks.core.manifest import Manifest, find_problems, parse_manifest
+from ckpt_callbacks.core.single_file import sidecar_path
 from ckpt_callbacks.core.tensor_files import _DTYPE_CODES
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 
@@ -203,16 +204,7 @@ class ManifestCheckpoint(Checkpoint):
 
     def verify(self, mode: str, progress: Progress) -> VerifyReport:
         assert self.manifest is not None
-        report = self._report("ok", mode)
-        for entry in self.manifest.files:
-            one_file = dataclasses.replace(self.manifest, files=[entry])
-            report.problems += [_file_problem(error, self.path) for error in find_problems(self.path, one_file, mode)]
-            report.files_checked += 1
-            report.bytes_checked += entry.size
-            progress(entry.size)
-        if report.problems:
-            report.status = "failed"
-        return report
+        return verify_against_manifest(self._report("ok", mode), self.path, self.manifest, progress)
 
     def problems_by_size(self) -> list[FileProblem]:
         """Missing or resized files, found without reading them (what `list` shows)."""
@@ -311,12 +303,18 @@ class HFFolderCheckpoint(Checkpoint):
 
 
 class TorchFileCheckpoint(Checkpoint):
-    """A Lightning `.ckpt` (a dict with `state_dict`, `optimizer_states`, ...) or a torch file of tensors."""
+    """A Lightning `.ckpt` (a dict with `state_dict`, `optimizer_states`, ...) or a torch file of tensors.
+
+    `CheckpointIOPlugin` writes such files with a sidecar `{name}.manifest.json`; when it is there, it is the
+    manifest (and `verify` checks size and checksum)."""
 
     engine = None
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
+        sidecar = sidecar_path(path)
+        if sidecar.is_file():
+            self.manifest = parse_manifest(sidecar.read_bytes(), source=str(sidecar))
         data = load_torch_lazily(path)
         if isinstance(data, Mapping) and "state_dict" in data:
             self.kind = KIND_LIGHTNING
@@ -327,6 +325,9 @@ class TorchFileCheckpoint(Checkpoint):
         else:
             self.kind = KIND_TORCH_FILE
             self._data = {"model": data}
+        if self.manifest is not None:
+            self.step, self.epoch = self.manifest.step, self.manifest.epoch
+            self.metrics.update(self.manifest.metrics)
 
     @property
     def size(self) -> int:
@@ -342,6 +343,8 @@ class TorchFileCheckpoint(Checkpoint):
         return "state_dict" if self.kind == KIND_LIGHTNING else "model"
 
     def verify(self, mode: str, progress: Progress) -> VerifyReport:
+        if self.manifest is not None:
+            return verify_against_manifest(self._report("ok", mode), self.path.parent, self.manifest, progress)
         report = self._report("ok", "structure")
         report.problems = _structure_problems([self.path], lambda: self.weights(), self.path)
         report.files_checked, report.bytes_checked = 1, self.size
@@ -392,7 +395,7 @@ def scan_run_folder(folder: Path) -> RunFolder:
     """Every `checkpoint-N` folder, manifest folder and torch file (`.ckpt`) directly under `folder`."""
     run = RunFolder([], [], [])
     for entry in sorted(folder.iterdir()):
-        if entry.is_dir() and layout.is_leftover(entry.name):
+        if (entry.is_dir() and layout.is_leftover(entry.name)) or _is_single_file_leftover(entry):
             run.leftovers.append(entry.name)
         elif _is_run_entry(entry):
             try:
@@ -401,6 +404,11 @@ def scan_run_folder(folder: Path) -> RunFolder:
                 run.unreadable.append((entry.name, exc))
     run.checkpoints.sort(key=lambda c: (c.step is None, c.step or 0, c.name))
     return run
+
+
+def _is_single_file_leftover(entry: Path) -> bool:
+    """`.{name}.tmp-{id}`: a single-file save (`core/single_file.py`) that never reached its rename."""
+    return entry.is_file() and entry.name.startswith(".") and ".tmp-" in entry.name
 
 
 def _is_run_entry(entry: Path) -> bool:
@@ -528,6 +536,18 @@ def as_state_dict(value: Any, *, where: str) -> dict[str, torch.Tensor]:
 
 
 # ------------------------------------------------------------------------------------- verification
+
+
+def verify_against_manifest(report: VerifyReport, folder: Path, manifest: Manifest, progress: Progress) -> VerifyReport:
+    """Check each file the manifest lists (one at a time, for progress); every bad file becomes a problem."""
+    for entry in manifest.files:
+        one_file = dataclasses.replace(manifest, files=[entry])
+        report.problems += [_file_problem(error, folder) for error in find_problems(folder, one_file, report.check)]
+        report.files_checked += 1
+        report.bytes_checked += entry.size
+        progress(entry.size)
+    report.status = "failed" if report.problems else "ok"
+    return report
 
 
 def _structure_problems(files: list[Path], load: Callable[[], Any], root: Path) -> list[FileProblem]:
