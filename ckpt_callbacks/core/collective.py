@@ -24,6 +24,7 @@ class Collective(Protocol):
 class SingleProcess:
     rank = 0
     world_size = 1
+    group = None
 
     def barrier(self) -> None:
         return None
@@ -42,7 +43,10 @@ class TorchDistributed:
         self._dist = dist
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self._group = dist.new_group(backend="gloo")
+        # Own gloo group: checkpoint collectives may run on the writer thread while training runs
+        # collectives on the default group; sharing a group would interleave them and hang.
+        self.group = dist.new_group(backend="gloo")
+        self._group = self.group
 
     def barrier(self) -> None:
         self._dist.barrier(group=self._group)

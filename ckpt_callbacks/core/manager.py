@@ -22,7 +22,7 @@ from typing import Any
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.best import BestTracker, MetricRule
-from ckpt_callbacks.core.capture import RNG_STATE, capture, git_commit, library_versions, restore_into
+from ckpt_callbacks.core.capture import RNG_STATE, capture, git_commit, library_versions
 from ckpt_callbacks.core.collective import Collective, default_collective
 from ckpt_callbacks.core.durable import remove_tree_quietly, write_bytes_durably
 from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
@@ -163,7 +163,7 @@ class CheckpointManager:
         self.retention = RetentionPolicy(self.args.save_total_limit, self.args.save_best_limit, self.metric_rule)
         self.last_save: SaveStats | None = None
         self.resumed_from_step: int | None = None
-        self._async = self.args.async_save and self.collective.world_size == 1
+        self._async = self.args.async_save and self.engine_class.supports_host_staging
         self._writer = BackgroundWriter(self.args.max_in_flight)
         self._stagers = [HostStager() for _ in range(self.args.max_in_flight)]
         self._save_count = 0
@@ -385,6 +385,7 @@ class CheckpointManager:
         for problem in find_problems(directory, info.manifest, self.args.verify_on_load):
             raise problem
         engine = self.engine_class_for(info.manifest.engine)(rank=self.collective.rank, world_size=info.manifest.world_size)
+        engine.process_group = getattr(self.collective, "group", None)
         engine.open(str(directory))
         loaded = {}
         for key, target in state.items():
@@ -395,7 +396,7 @@ class CheckpointManager:
                     "Checkpoints saved with save_only_model=True hold only the model.",
                     path=info.path, step=info.step,
                 )
-            loaded[key] = restore_into(relpath, target, engine.load(relpath, map_location))
+            loaded[key] = engine.load_into(relpath, target, map_location)
         rng_piece = self._rng_piece()
         if restore_rng and rng_piece in info.manifest.states:
             restore_rng_state(engine.load(rng_piece))
@@ -511,11 +512,13 @@ class _CommitJob:
             manager.last_save.total_seconds = time.perf_counter() - self.started
 
     def _write_pieces(self, staging: Path) -> None:
-        engine = self.manager.engine_class(rank=self.manager.collective.rank, world_size=self.manager.collective.world_size)
+        collective = self.manager.collective
+        engine = self.manager.engine_class(rank=collective.rank, world_size=collective.world_size)
+        engine.process_group = getattr(collective, "group", None)
         try:
             engine.create(str(staging))
             for relpath, state in self.pieces.items():
-                if self.manager.collective.rank == 0 or relpath.startswith(RNG_STATE):
+                if collective.rank == 0 or relpath.startswith(RNG_STATE) or engine.writes_on_every_rank:
                     engine.save(state, relpath)
             engine.commit(str(staging))
         except OSError as exc:

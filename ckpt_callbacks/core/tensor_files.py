@@ -105,9 +105,15 @@ def view_key(tensor: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int
 
     `state_dict()` returns a fresh detached tensor per name, so object identity cannot detect ties.
     """
+    if hasattr(tensor, "to_local"):  # a DTensor: its identity is that of its local shard
+        tensor = tensor.to_local()
     if tensor.numel() == 0 or tensor.device.type == "meta":
         return None
-    return (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+    try:
+        pointer = tensor.untyped_storage().data_ptr()
+    except RuntimeError:  # tensor subclasses without a plain storage
+        return None
+    return (pointer, int(tensor.storage_offset()), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
 
 
 def unique_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

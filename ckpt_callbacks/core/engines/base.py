@@ -35,6 +35,10 @@ class EngineConfig:
 class CheckpointEngine(ABC):
     name: ClassVar[str]
     Config: ClassVar[type[EngineConfig]] = EngineConfig
+    # Sharded engines (DCP) need every rank to save every piece; others write replicated pieces on rank 0.
+    writes_on_every_rank: ClassVar[bool] = False
+    # Whether async saving may snapshot the state into plain host tensors first (not for sharded DTensors).
+    supports_host_staging: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -55,6 +59,7 @@ class CheckpointEngine(ABC):
         self.config = config if config is not None else self.Config()
         self.rank = rank
         self.world_size = world_size
+        self.process_group: Any = None  # set by the core for collective engines
         self._directory: Path | None = None
 
     @property
@@ -83,6 +88,14 @@ class CheckpointEngine(ABC):
 
     def commit(self, tag: str) -> None:
         """Every `save` of this checkpoint has returned: finish anything pending. The core then seals it."""
+
+    def load_into(self, relpath: str, target: Any, map_location: Any = None) -> Any:
+        """Restore `relpath` into the live `target` (in place when it has `load_state_dict`); return the state.
+
+        Engines that need the target's own layout to read (DCP resharding) override this."""
+        from ckpt_callbacks.core.capture import restore_into
+
+        return restore_into(relpath, target, self.load(relpath, map_location))
 
     def has(self, relpath: str) -> bool:
         """Whether the open checkpoint holds `relpath` (used for checkpoints without a manifest)."""
