@@ -121,6 +121,7 @@ class CheckpointIOLogic:
         if committed is not None and (committed[0] / layout.checkpoint_name(committed[1]) / layout.MANIFEST_NAME).is_file():
             loaded = self._load_committed(*committed, map_location=map_location)
         else:
+            self._files.wait()  # the file may still be in this process's write queue (the tuner saves then loads)
             loaded = load_torch_file(path, verify=self.args.verify_on_load, map_location=map_location)
         if not isinstance(loaded, dict):
             raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a Lightning checkpoint dict.",
