@@ -209,3 +209,25 @@ def test_fit_without_ckpt_path_resumes_from_the_newest_checkpoint(ns: Namespace,
     start = weight_recorder(ns)
     trainer, _ = fit_ours(ns, tmp_path, callbacks=[start], max_epochs=2, save_steps=5)
     assert start.start_step == 10 and trainer.global_step == 20
+
+
+def test_output_dir_defaults_to_default_root_dir_and_last_resolves_before_setup(
+    ns: Namespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the working directory is not the Trainer's root
+    root = tmp_path / "root"
+
+    def run(ckpt_path: str | None, recorder: Any) -> Any:
+        seed_everything(0)
+        callback = ns.adapter.CheckpointCallback(save_steps=5, export_at_end=False)
+        trainer = ns.trainer(root, callbacks=[callback, recorder], plugins=[ns.adapter.CheckpointIOPlugin()],
+                             max_epochs=1)
+        trainer.fit(ns.Tiny(), train_loader(), val_loader(), ckpt_path=ckpt_path)
+        return callback
+
+    callback = run(None, weight_recorder(ns))
+    assert callback.output_dir == root / "checkpoints"
+    assert sorted(p.name for p in (root / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
+    resumed = weight_recorder(ns)
+    run("last", resumed)  # a fresh callback answers ckpt_path before its setup: from the Trainer's root
+    assert resumed.start_step == 10
