@@ -251,6 +251,8 @@ class CheckpointCallbackLogic:
             self._save(trainer)
         self.manager.wait()  # surface a failed background write now, and let best_model_path see every save
         trainer.strategy.barrier("ckpt_callbacks.on_train_end")
+        if self.preempted:
+            return  # the run is unfinished: it will resume from the checkpoint just saved, not be exported
         if self.args.load_best_model_at_end:
             self._load_best_weights(trainer)
         if self.args.export_at_end and trainer.is_global_zero:
