@@ -92,13 +92,16 @@ def _order_drawn_from(sampler: Sampler[Any], rng_state: torch.Tensor) -> list[An
 
 
 def install_replayable_sampler(loader: Any) -> ReplayableSampler | None:
-    """Wrap `loader`'s sampler in place; None for loaders without a sized `BatchSampler` to wrap.
+    """Wrap `loader`'s sampler in place; None for loaders without a sized `BatchSampler` to wrap, and for
+    loaders that resume themselves.
 
     `DataLoader` forbids replacing `sampler`/`batch_sampler` after construction, but the batch sampler reads its
     `sampler` attribute lazily on each iteration, so wrapping it there is seen by every later iterator.
     """
     if not isinstance(loader, DataLoader) or not isinstance(loader.batch_sampler, BatchSampler):
         return None
+    if callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None)):
+        return None  # it saves its own position (torchdata's StatefulDataLoader): replaying too would skip twice
     batch_sampler = loader.batch_sampler
     if isinstance(batch_sampler.sampler, ReplayableSampler):
         return batch_sampler.sampler

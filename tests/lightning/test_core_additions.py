@@ -77,3 +77,16 @@ def test_single_file_save_is_atomic_and_verified(tmp_path: Path) -> None:
         f.write(b"appended")
     with pytest.raises(CheckpointCorruptError, match=r"last\.ckpt: size mismatch"):
         load_torch_file(path)
+
+
+def test_a_loader_that_saves_its_own_position_is_not_replayed_as_well() -> None:
+    class StatefulLoader(DataLoader):  # the shape of torchdata's StatefulDataLoader
+        def state_dict(self) -> dict[str, Any]:
+            return {}
+
+        def load_state_dict(self, state: dict[str, Any]) -> None:
+            pass
+
+    stateful = StatefulLoader(TensorDataset(torch.arange(8)), batch_size=2, shuffle=True)
+    assert not SamplerResume().attach(stateful)
+    assert type(stateful.batch_sampler.sampler).__name__ == "RandomSampler"
