@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
+from ckpt_callbacks.config import parse_size
 from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.durable import fsync_dir, fsync_tree, remove_tree_quietly
 from ckpt_callbacks.core.tensor_files import unique_tensors, write_safetensors
@@ -58,7 +59,7 @@ def export_safetensors(
 
 def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int | str) -> list[Path]:
     split = split_torch_state_dict_into_shards(
-        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=parse_size(max_shard_size)
     )
     written = []
     for filename, names in split.filename_to_tensors.items():

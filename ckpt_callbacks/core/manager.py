@@ -85,6 +85,7 @@ class Transaction:
         self.metrics: dict[str, float] = {}
         self.metadata: dict[str, Any] = {}
         self._pieces: dict[str, Any] = {}
+        self.capture_rng = True
         self._open = True
         self._started = time.perf_counter()
 
@@ -226,10 +227,14 @@ class CheckpointManager:
         metrics: Mapping[str, Any] | None = None,
         epoch: float | None = None,
         metadata: Mapping[str, Any] | None = None,
+        capture_rng: bool = True,
     ) -> None:
         """Checkpoint `state` at `step` in one call. When it returns, the checkpoint holds the state as it was
-        at the call, so the caller may update the live objects right away, async or not."""
+        at the call, so the caller may update the live objects right away, async or not.
+
+        `capture_rng=False` leaves out this process's RNG piece, for callers that store RNG themselves."""
         with self.begin(step, epoch=epoch) as tx:
+            tx.capture_rng = capture_rng
             tx.save_state(state)
             if metrics:
                 tx.save_metrics(metrics)
@@ -255,6 +260,7 @@ class CheckpointManager:
         finally:
             self.preemption.uninstall()
             self.store.release_writer_lock()
+            self._prepared_for_writing = False  # a later save takes the lock again
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -279,7 +285,7 @@ class CheckpointManager:
     def _commit(self, tx: Transaction) -> None:
         try:
             pieces = dict(tx._pieces)
-            if not self.args.save_only_model:
+            if tx.capture_rng and not self.args.save_only_model:
                 pieces[self._rng_piece()] = capture_rng_state()
             self.best_tracker.observe(tx.metrics, tx.step)
             self.policy.record_save(tx.step)
@@ -335,6 +341,24 @@ class CheckpointManager:
     def latest(self) -> CheckpointInfo | None:
         infos = self.list()
         return infos[-1] if infos else None
+
+    def latest_verified(self) -> CheckpointInfo | None:
+        """The newest checkpoint whose files pass `verify_on_load`; with `fallback_to_verified`, older ones are
+        tried (and the fallback logged) when the newest fails. Raises `CheckpointCorruptError` otherwise."""
+        infos = self.list()
+        for info in reversed(infos):
+            problems = find_problems(Path(self.store.local_dir(info.name)), info.manifest, self.args.verify_on_load)
+            if not problems:
+                return info
+            if not self.args.fallback_to_verified:
+                raise problems[0]
+            logger.warning("%s failed verification (%s); falling back to the previous checkpoint.", info.name, problems[0])
+        return None
+
+    def delete(self, step: int) -> None:
+        """Delete committed checkpoint `step` (after pending saves finished), invisibly to readers."""
+        self.wait()
+        self.store.delete(layout.checkpoint_name(step))
 
     def best(self) -> CheckpointInfo | None:
         """The best checkpoint by `metric_for_best_model` (or saved score); ties go to the earlier step."""
