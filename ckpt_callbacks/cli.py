@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import math
 import os
 import shutil
 import sys
 import threading
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -44,6 +46,7 @@ from ckpt_callbacks.cli_sources import (
     Checkpoint,
     FileProblem,
     ManifestCheckpoint,
+    RunFolder,
     VerifyReport,
     is_checkpoint,
     open_checkpoint,
@@ -481,22 +484,42 @@ def cmd_prune(args: argparse.Namespace) -> int:
             raise UsageError(f"{flag} {value}: give a number >= 1 (the newest checkpoint is always kept).")
     if args.keep_last is None and args.keep_best is None:
         raise UsageError("say what to keep: --keep-last N, --keep-best N, or both.")
-    rule = metric_rule(args.metric, args.greater_is_better, scan_run_folder(folder).checkpoints)
-    manager = CheckpointManager(CheckpointArguments(
-        output_dir=str(folder), metric_for_best_model=None if rule is None else rule.aliases[0],
-        greater_is_better=None if rule is None else rule.greater_is_better))
-    try:
-        before = [info.step for info in manager.list()]
-        deleted = _steps_to_delete(manager, args) if args.dry_run else _prune_now(manager, args)
-    finally:
-        manager.close()
+    run = scan_run_folder(folder)
+    rule = metric_rule(args.metric, args.greater_is_better, run.checkpoints)
+    arguments = CheckpointArguments(output_dir=str(folder), metric_for_best_model=None if rule is None else rule.aliases[0],
+                                    greater_is_better=None if rule is None else rule.greater_is_better)
+    with _quiet_core_warnings():  # the manager skips damaged checkpoints with a warning; reported below
+        manager = CheckpointManager(arguments)
+        try:
+            before = [info.step for info in manager.list()]
+            deleted = _steps_to_delete(manager, args) if args.dry_run else _prune_now(manager, args)
+        finally:
+            manager.close()
     result = {"dir": str(folder), "dry_run": args.dry_run, "deleted": deleted,
-              "kept": [step for step in before if step not in deleted]}
+              "kept": [step for step in before if step not in deleted], "left_alone": _left_alone(run, before)}
     if args.json:
         print_json(result)
     else:
         print(_render_prune(result))
     return EXIT_OK
+
+
+def _left_alone(run: RunFolder, listed_steps: list[int]) -> list[str]:
+    """What prune never deletes: damaged checkpoints and anything without a manifest of this library."""
+    names = [name for name, _ in run.unreadable]
+    names += [c.name for c in run.checkpoints if not (isinstance(c, ManifestCheckpoint) and c.step in listed_steps)]
+    return sorted(names)
+
+
+@contextlib.contextmanager
+def _quiet_core_warnings() -> Iterator[None]:
+    core_logger = logging.getLogger("ckpt_callbacks")
+    level = core_logger.level
+    core_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        core_logger.setLevel(level)
 
 
 def _steps_to_delete(manager: CheckpointManager, args: argparse.Namespace) -> list[int]:
@@ -520,7 +543,10 @@ def _render_prune(result: Mapping[str, Any]) -> str:
     verb = "would delete" if result["dry_run"] else "deleted"
     names = [layout.checkpoint_name(step) for step in result["deleted"]]
     kept = [layout.checkpoint_name(step) for step in result["kept"]]
-    return f"{verb}: {', '.join(names) or 'nothing'}\nkept: {', '.join(kept) or 'nothing'}"
+    lines = [f"{verb}: {', '.join(names) or 'nothing'}", f"kept: {', '.join(kept) or 'nothing'}"]
+    if result["left_alone"]:
+        lines.append(f"left alone (damaged, or without a manifest; see `verify`): {', '.join(result['left_alone'])}")
+    return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -682,6 +708,8 @@ def _add_diff(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Reading a dcp checkpoint in one process is what a command-line tool does; torch warns about it each time.
+    warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
     try:
         _import_modules(args.imports)
         return int(args.handler(args))

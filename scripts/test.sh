@@ -4,5 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+.venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"  # the docs site, warnings as errors
 .venv/bin/ruff check .
 .venv/bin/mypy ckpt_callbacks

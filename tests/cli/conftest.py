@@ -68,7 +68,7 @@ def _write_manager_run(folder: Path, engine: str, weights: dict[int, dict[str, t
 @pytest.fixture(scope="session")
 def manager_runs(tmp_path_factory: pytest.TempPathFactory) -> ManagerRuns:
     runs = ManagerRuns(tmp_path_factory.mktemp("manager-runs"))
-    for engine in ("safetensors", "torch", "hf"):
+    for engine in ("safetensors", "torch", "hf", "dcp"):
         _write_manager_run(runs.run(engine), engine, runs.weights)
     (runs.run("safetensors") / LEFTOVER).mkdir()  # what a save killed before its rename leaves
     return runs

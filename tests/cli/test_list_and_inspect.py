@@ -85,7 +85,7 @@ def test_inspect_shows_tensors_optimizer_rng_and_manifest(manager_runs: ManagerR
 
 def test_inspect_json_is_the_same_for_every_engine(manager_runs: ManagerRuns) -> None:
     reports = {engine: run_cli("inspect", manager_runs.run(engine) / "checkpoint-20", "--json").json()
-               for engine in ("safetensors", "torch", "hf")}
+               for engine in ("safetensors", "torch", "hf", "dcp")}
     for engine, data in reports.items():
         assert data["format"] == f"ckpt_callbacks/{engine}" and data["manifest"]["engine"] == engine
         assert data["manifest"]["step"] == 20 and data["step"] == 20
