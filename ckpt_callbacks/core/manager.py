@@ -45,6 +45,8 @@ from ckpt_callbacks.errors import (
 logger = logging.getLogger("ckpt_callbacks")
 
 DEFAULT_SCORE_KEY = "score"
+# What `save_only_model` leaves out: the state needed only to continue training (RNG is never added then).
+TRAINING_ONLY_PIECES = frozenset({"optimizer", "scheduler", "scaler", "lr_scheduler", "grad_scaler"})
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,7 @@ class Transaction:
         self._check_open("save_state")
         for key, value in capture(state).items():
             relpath = _piece_path(key, name)
-            if self.manager.args.save_only_model and relpath != "model" and name is None:
+            if self.manager.args.save_only_model and relpath in TRAINING_ONLY_PIECES:
                 continue
             self._pieces[relpath] = self.manager._snapshot(value, relpath)
 

@@ -46,7 +46,7 @@ class HFEngine(CheckpointEngine):
         elif relpath in _TORCH_FILES:
             torch.save(state, directory / _TORCH_FILES[relpath])
         elif relpath == "rng" or relpath.startswith("rng_"):
-            torch.save(_rng_to_stock(state), directory / rng_file_name(relpath))
+            torch.save(_rng_to_stock(state, single_process=relpath == "rng"), directory / rng_file_name(relpath))
         elif relpath == "trainer_state":
             (directory / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         elif relpath == "training_args":
@@ -112,9 +112,12 @@ def load_model_weights(directory: Path, map_location: Any = None) -> dict[str, t
                                   path=str(directory))
 
 
-def _rng_to_stock(state: dict[str, Any]) -> dict[str, Any]:
+def _rng_to_stock(state: dict[str, Any], *, single_process: bool) -> dict[str, Any]:
     stock = dict(state)
     stock["numpy"] = numpy_state_as_stock(state["numpy"])
+    if single_process and isinstance(stock.get("cuda"), list) and torch.cuda.is_available():
+        # The stock single-process resume calls torch.cuda.random.set_rng_state(state["cuda"]): one device.
+        stock["cuda"] = stock["cuda"][torch.cuda.current_device()]
     return stock
 
 
