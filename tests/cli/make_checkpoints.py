@@ -6,6 +6,7 @@ OUT/hf-stock           stock transformers.Trainer run (tiny GPT-2, CPU, no callb
 OUT/hf-callback        the same run with ckpt_callbacks' CheckpointCallback: checkpoint-N folders with manifests
 OUT/lightning-stock    stock lightning.Trainer + ModelCheckpoint: epoch=0-step=2.ckpt, epoch=0-step=4.ckpt
 OUT/lightning-plugin   lightning.Trainer with CheckpointIOPlugin + CheckpointCallback: checkpoint-N/checkpoint.ckpt
+OUT/lightning-files    the same run's stock ModelCheckpoint through the plugin: .ckpt files with sidecar manifests
 """
 
 from __future__ import annotations
@@ -71,7 +72,8 @@ def make_lightning(out: Path) -> None:
     fit([stock], [], out / "lightning-stock-root")
     ours = CheckpointCallback(CheckpointArguments(output_dir=str(out / "lightning-plugin"), save_steps=2,
                                                   async_save=False, export_at_end=False))
-    fit([ours], [CheckpointIOPlugin()], out / "lightning-plugin-root")
+    stock_through_plugin = ModelCheckpoint(dirpath=str(out / "lightning-files"), every_n_train_steps=2, save_top_k=-1)
+    fit([ours, stock_through_plugin], [CheckpointIOPlugin(async_save=False)], out / "lightning-plugin-root")
 
 
 if __name__ == "__main__":

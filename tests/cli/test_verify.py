@@ -109,7 +109,18 @@ def test_verify_loads_lightning_ckpt_files_and_checks_their_crcs(trained: Path, 
 
 
 def test_verify_checks_adapter_checkpoints_by_checksum(trained: Path) -> None:
-    for run in ("hf-callback", "lightning-plugin"):
+    for run in ("hf-callback", "lightning-plugin", "lightning-files"):
         result = run_cli("verify", trained / run)
         assert result.code == 0, result.out
         assert result.out.count("sizes and checksums of") == 2
+
+
+def test_a_single_file_checkpoint_is_verified_against_its_sidecar_manifest(
+    trained: Path, copy_of: Callable[[Path], Path]
+) -> None:
+    run = copy_of(trained / "lightning-files")
+    flip_byte_in_tensor_record(run / "epoch=0-step=4.ckpt")
+    report = run_cli("verify", run, "--json").json()
+    assert [(c["name"], c["status"], c["check"]) for c in report["checkpoints"]] == [
+        ("epoch=0-step=2.ckpt", "ok", "checksum"), ("epoch=0-step=4.ckpt", "failed", "checksum")]
+    assert report["checkpoints"][1]["problems"][0]["reason"] == "checksum mismatch"
