@@ -330,8 +330,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     weights = strip_prefix(source.weights(args.state), args.strip_prefix)
     total = sum(t.numel() * t.element_size() for t in weights.values())
     with progress_bar(total, "export") as bar, _watch_export(out, bar):
-        export_safetensors(weights, out, max_shard_size=_shard_size(args.max_shard_size),
-                                     pretrained_objects=_pretrained_files(source))
+        export_safetensors(weights, out, max_shard_size=args.max_shard_size, pretrained_objects=_pretrained_files(source))
     files = sorted(p for p in out.iterdir() if p.is_file())
     result = {"source": str(source.path), "format": source.format, "out": str(out), "tensors": len(weights),
               "bytes": total, "stripped_prefix": args.strip_prefix,
@@ -367,10 +366,6 @@ def strip_prefix(weights: dict[str, torch.Tensor], prefix: str | None) -> dict[s
     return {name[len(prefix):]: tensor for name, tensor in weights.items()}
 
 
-def _shard_size(value: str) -> int | str:
-    return int(value) if value.isdigit() else value
-
-
 def _pretrained_files(source: Checkpoint) -> list[CopiedFiles]:
     if source.path.is_file():
         return []
@@ -380,16 +375,18 @@ def _pretrained_files(source: Checkpoint) -> list[CopiedFiles]:
 
 @contextlib.contextmanager
 def _watch_export(out: Path, bar: Any) -> Iterator[None]:
-    """Advance `bar` as the export's staging folder grows (only when the bar is shown)."""
+    """Advance `bar` as the shards grow in the export's hidden staging folder (only when the bar is shown).
+
+    `export_safetensors` reports no progress itself; it builds `OUT` as `.staging-OUT-{id}` beside it."""
     if bar.disable:
         yield
         return
-    staging = out.parent / f"{layout.STAGING_PREFIX}{out.name}-export"
     done = threading.Event()
 
     def poll() -> None:
         while not done.wait(0.2):
-            written = sum(f.stat().st_size for f in staging.glob("*.safetensors") if f.is_file())
+            shards = out.parent.glob(f"{layout.STAGING_PREFIX}{out.name}-*/*.safetensors")
+            written = sum(f.stat().st_size for f in shards if f.is_file())
             bar.update(max(0, min(written, bar.total) - bar.n))
 
     watcher = threading.Thread(target=poll, daemon=True)
