@@ -58,7 +58,7 @@ from ckpt_callbacks.core.best import MetricRule
 from ckpt_callbacks.core.export import export_safetensors
 from ckpt_callbacks.core.manager import CheckpointManager
 from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
-from ckpt_callbacks.errors import CheckpointError
+from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
@@ -86,6 +86,8 @@ class UsageError(Exception):
 def cmd_list(args: argparse.Namespace) -> int:
     folder = existing_folder(args.dir)
     run = scan_run_folder(folder)
+    if not run.checkpoints and not run.unreadable and is_checkpoint(folder):
+        raise UsageError(f"{folder} is one checkpoint, not a run folder: list {folder.parent}, or inspect {folder}.")
     rule = metric_rule(args.metric, args.greater_is_better, run.checkpoints)
     rows = [_list_row(c) for c in run.checkpoints]
     _mark_best_and_latest(rows, rule)
@@ -255,19 +257,23 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _verify_targets(path: Path) -> tuple[list[Checkpoint], list[VerifyReport]]:
-    """The checkpoints to check, and reports for what cannot be opened or is an uncommitted leftover."""
-    if is_checkpoint(path):
-        try:
-            return [open_checkpoint(path)], []
-        except CheckpointError as exc:
-            return [], [_unreadable_report(path.name, path, exc)]
-    if not path.is_dir():
-        raise UsageError(f"{path}: not a checkpoint (expected a checkpoint folder, a run folder or a .ckpt file).")
-    run = scan_run_folder(path)
-    reports = [_unreadable_report(name, path / name, exc) for name, exc in run.unreadable]
-    reports += [VerifyReport(name, str(path / name), "staging", "uncommitted", "none", notes=[LEFTOVER_NOTE])
-                for name in run.leftovers]
-    return run.checkpoints, reports
+    """The checkpoints to check, and reports for what cannot be opened or is an uncommitted leftover.
+
+    A folder holding checkpoints is a run folder even when it also holds weights of its own (a Trainer's
+    `output_dir` after `save_model()`)."""
+    if path.is_dir() and not (path / layout.MANIFEST_NAME).is_file():
+        run = scan_run_folder(path)
+        if run.checkpoints or run.unreadable or run.leftovers or not is_checkpoint(path):
+            reports = [_unreadable_report(name, path / name, exc) for name, exc in run.unreadable]
+            reports += [VerifyReport(name, str(path / name), "staging", "uncommitted", "none", notes=[LEFTOVER_NOTE])
+                        for name in run.leftovers]
+            return run.checkpoints, reports
+    try:
+        return [open_checkpoint(path)], []
+    except CheckpointNotFoundError as exc:
+        raise UsageError(f"{exc} Give a checkpoint folder, a run folder or a .ckpt file.") from None
+    except CheckpointError as exc:
+        return [], [_unreadable_report(path.name, path, exc)]
 
 
 def _unreadable_report(name: str, path: Path, error: CheckpointError) -> VerifyReport:

@@ -124,3 +124,14 @@ def test_a_single_file_checkpoint_is_verified_against_its_sidecar_manifest(
     assert [(c["name"], c["status"], c["check"]) for c in report["checkpoints"]] == [
         ("epoch=0-step=2.ckpt", "ok", "checksum"), ("epoch=0-step=4.ckpt", "failed", "checksum")]
     assert report["checkpoints"][1]["problems"][0]["reason"] == "checksum mismatch"
+
+
+def test_a_trainer_output_dir_with_saved_weights_is_still_a_run_folder(
+    trained: Path, copy_of: Callable[[Path], Path]
+) -> None:
+    run = copy_of(trained / "hf-stock")
+    for name in ("model.safetensors", "config.json"):  # what trainer.save_model() leaves beside the checkpoints
+        (run / name).write_bytes((run / "checkpoint-4" / name).read_bytes())
+    result = run_cli("verify", run)
+    assert result.code == 0
+    assert result.out.splitlines()[-1] == "2 checkpoint(s) checked: 2 ok, 0 failed"
