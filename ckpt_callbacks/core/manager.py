@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,9 +32,10 @@ from ckpt_callbacks.core.policy import SavePolicy
 from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
 from ckpt_callbacks.core.signals import PreemptionFlag
-from ckpt_callbacks.core.staging import HostStager
+from ckpt_callbacks.core.staging import HostStager, StagingPlan
 from ckpt_callbacks.core.store import CheckpointStore, LocalStore, write_error
 from ckpt_callbacks.core.writer import BackgroundWriter
+from ckpt_callbacks.core.written_files import WrittenFiles, recording
 from ckpt_callbacks.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -88,6 +90,7 @@ class Transaction:
         self.metadata: dict[str, Any] = {}
         self._pieces: dict[str, Any] = {}
         self.capture_rng = True
+        self.defer_staging = False
         self._open = True
         self._started = time.perf_counter()
 
@@ -169,6 +172,7 @@ class CheckpointManager:
         self._async = self.args.async_save and self.engine_class.supports_host_staging
         self._writer = BackgroundWriter(self.args.max_in_flight)
         self._stagers = [HostStager() for _ in range(self.args.max_in_flight)]
+        self._deferred_plans: list[StagingPlan] = []
         self._save_count = 0
         self._open_transaction: Transaction | None = None
         self._prepared_for_writing = False
@@ -204,8 +208,10 @@ class CheckpointManager:
         """Record an evaluation for best tracking; True when `save_strategy="best"` and it is a new best."""
         return self.policy.on_evaluate(metrics, step)
 
-    def begin(self, step: int, *, epoch: float | None = None) -> Transaction:
-        """Open the checkpoint of `step`; commit it with `commit()` or by leaving a `with` block cleanly."""
+    def begin(self, step: int, *, epoch: float | None = None, defer_staging: bool = False) -> Transaction:
+        """Open the checkpoint of `step`; commit it with `commit()` or by leaving a `with` block cleanly.
+
+        `defer_staging`: see `save`."""
         if self._open_transaction is not None:
             raise InvalidOperationError(
                 f"begin({step}) while the checkpoint of step {self._open_transaction.step} is still open: "
@@ -215,10 +221,12 @@ class CheckpointManager:
         if step < 0:
             raise ValueError(f"step={step} must be >= 0.")
         # Surface an earlier background failure and wait for a free staging buffer before copying anything.
+        self._report_failures(self._writer.wait_for_staging)
         self._report_failures(lambda: self._writer._raise_first_failure(block_until=self.args.max_in_flight - 1))
         # On the caller's thread, so the cleanup cannot race with anything else that thread starts later.
         self._prepare_for_writing()
         self._open_transaction = Transaction(self, step, epoch)
+        self._open_transaction.defer_staging = defer_staging
         return self._open_transaction
 
     def save(
@@ -230,18 +238,29 @@ class CheckpointManager:
         epoch: float | None = None,
         metadata: Mapping[str, Any] | None = None,
         capture_rng: bool = True,
+        defer_staging: bool = False,
     ) -> None:
         """Checkpoint `state` at `step` in one call. When it returns, the checkpoint holds the state as it was
         at the call, so the caller may update the live objects right away, async or not.
 
-        `capture_rng=False` leaves out this process's RNG piece, for callers that store RNG themselves."""
-        with self.begin(step, epoch=epoch) as tx:
+        `capture_rng=False` leaves out this process's RNG piece, for callers that store RNG themselves.
+
+        `defer_staging=True` (for adapters, which see the optimizer step coming) returns before the tensors
+        are copied: the copy runs in the background, and the caller must call `wait_for_staging()` before it
+        next modifies any saved tensor in place (before the optimizer step). Tensors under 256 KiB (such as
+        BatchNorm statistics, which the next forward pass updates) are still copied before returning."""
+        with self.begin(step, epoch=epoch, defer_staging=defer_staging) as tx:
             tx.capture_rng = capture_rng
             tx.save_state(state)
             if metrics:
                 tx.save_metrics(metrics)
             if metadata:
                 tx.metadata.update(metadata)
+
+    def wait_for_staging(self) -> None:
+        """Block until the host copy of a `save(..., defer_staging=True)` is complete: from then on the live
+        tensors may change. Cheap when there is nothing to wait for; raises if the copy failed."""
+        self._report_failures(self._writer.wait_for_staging)
 
     def wait(self) -> None:
         """Block until every async save is durable; raise if one failed (log it with `on_save_error="warn"`)."""
@@ -278,11 +297,17 @@ class CheckpointManager:
         if not self._async:
             return value
         stager = self._stagers[self._save_count % len(self._stagers)]
-        return stager.stage(value, prefix=(relpath,))
+        tx = self._open_transaction
+        if tx is None or not tx.defer_staging:
+            return stager.stage(value, prefix=(relpath,))
+        plan = stager.plan(value, prefix=(relpath,), defer=True)
+        self._deferred_plans.append(plan)  # copied in the background once the transaction commits
+        return plan.staged
 
     def _close_transaction(self, tx: Transaction) -> None:
         if self._open_transaction is tx:
             self._open_transaction = None
+            self._deferred_plans = []
 
     def _commit(self, tx: Transaction) -> None:
         try:
@@ -296,7 +321,9 @@ class CheckpointManager:
             self._save_count += 1
             self.last_save = SaveStats(step=tx.step, blocking_seconds=0.0)
             if self._async:
-                self._writer.submit(job)
+                plans, self._deferred_plans = self._deferred_plans, []
+                staging = self._writer.stage_in_background(partial(_run_plans, plans)) if plans else None
+                self._writer.submit(job, after=staging)
             else:
                 self._report_failures(job)
             self.last_save.blocking_seconds = time.perf_counter() - started
@@ -510,6 +537,7 @@ class _CommitJob:
     metrics: dict[str, float]
     metadata: dict[str, Any]
     started: float
+    written: WrittenFiles = field(default_factory=WrittenFiles)  # checksums computed while writing
 
     def __call__(self) -> None:
         manager = self.manager
@@ -542,11 +570,12 @@ class _CommitJob:
         engine = self.manager.engine_class(rank=collective.rank, world_size=collective.world_size)
         engine.process_group = getattr(collective, "group", None)
         try:
-            engine.create(str(staging))
-            for relpath, state in self.pieces.items():
-                if collective.rank == 0 or relpath.startswith(RNG_STATE) or engine.writes_on_every_rank:
-                    engine.save(state, relpath)
-            engine.commit(str(staging))
+            with recording(self.written):
+                engine.create(str(staging))
+                for relpath, state in self.pieces.items():
+                    if collective.rank == 0 or relpath.startswith(RNG_STATE) or engine.writes_on_every_rank:
+                        engine.save(state, relpath)
+                engine.commit(str(staging))
         except OSError as exc:
             failed = Path(exc.filename) if exc.filename else staging
             raise write_error(exc, failed, f"write checkpoint-{self.step}") from exc
@@ -554,7 +583,7 @@ class _CommitJob:
     def _seal_and_publish(self, staging: Path) -> None:
         manager = self.manager
         try:
-            files = describe_files(staging, exclude={layout.MANIFEST_NAME})
+            files = describe_files(staging, exclude={layout.MANIFEST_NAME}, known_checksum=self.written.checksum_of)
             manifest = Manifest(
                 step=self.step,
                 engine=manager.engine_class.name,
@@ -599,6 +628,11 @@ def make_store(output_dir: str) -> CheckpointStore:
 
         return FsspecStore(output_dir)
     return LocalStore(output_dir.removeprefix("file://"))
+
+
+def _run_plans(plans: list[StagingPlan]) -> None:
+    for plan in plans:
+        plan.run()
 
 
 def _info(manifest: Manifest, location: str) -> CheckpointInfo:

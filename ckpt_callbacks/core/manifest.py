@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -68,8 +68,13 @@ def checksum_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def describe_files(root: Path, exclude: Iterable[str] = ()) -> list[FileEntry]:
-    """Size and checksum of every file under `root`, with POSIX relative paths, sorted."""
+def describe_files(
+    root: Path, exclude: Iterable[str] = (), known_checksum: Callable[[Path, os.stat_result], str | None] | None = None
+) -> list[FileEntry]:
+    """Size and checksum of every file under `root`, with POSIX relative paths, sorted.
+
+    `known_checksum(path, stat)` may supply a checksum computed while the file was written
+    (`written_files.py`); files it returns None for are read back and hashed."""
     excluded = set(exclude)
     entries = []
     for dirpath, _dirnames, filenames in os.walk(root):
@@ -78,7 +83,9 @@ def describe_files(root: Path, exclude: Iterable[str] = ()) -> list[FileEntry]:
             rel = full.relative_to(root).as_posix()
             if rel in excluded:
                 continue
-            entries.append(FileEntry(path=rel, size=full.stat().st_size, checksum=checksum_file(full)))
+            stat = full.stat()
+            known = known_checksum(full, stat) if known_checksum is not None else None
+            entries.append(FileEntry(path=rel, size=stat.st_size, checksum=known or checksum_file(full)))
     return sorted(entries, key=lambda e: e.path)
 
 

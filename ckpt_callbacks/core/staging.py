@@ -1,27 +1,107 @@
 """Host staging: snapshot state into buffers allocated once and reused across saves.
 
-After `stage()` returns, the snapshot is independent of the live tensors, so
-training may update weights in place while a background thread writes the
-snapshot. Buffers are reused when shapes and dtypes repeat (they do, save after
-save), so steady-state saves allocate nothing. With CUDA, buffers are pinned and
+After a snapshot is complete it is independent of the live tensors, so training
+may update weights in place while a background thread writes it. Buffers are
+reused when shapes and dtypes repeat (they do, save after save), so
+steady-state saves allocate nothing. With CUDA, buffers are pinned and
 device-to-host copies are non-blocking, synchronized once at the end.
+
+A snapshot is planned (`HostStager.plan`) on the caller's thread, which fixes
+its structure and its buffers, and copied (`StagingPlan.run`) either right away
+(`stage`) or later on a background thread (deferred staging: the caller must
+not modify the tensors in place until the copy is done; a tensor modified too
+early is detected through its version counter and reported).
+
+Tensors unchanged since this stager's previous snapshot (frozen parameters)
+are not copied again: same storage (still alive), same view, same version
+counter, and equal values at a few sampled positions. The sample catches the
+dense in-place writes that bypass the version counter (through `.data`, or by
+kernels writing raw pointers); a sparse write of that kind that misses every
+sampled position would go unnoticed, so `skip_unchanged=False` copies always.
 """
 
 from __future__ import annotations
 
+import copy
+import threading
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ckpt_callbacks.core.tensor_files import view_key
+from ckpt_callbacks.errors import CheckpointError
 
 BufferKey = tuple[str, ...]
+# Deferred staging still copies tensors this small at once: buffers such as BatchNorm statistics change
+# during the next forward pass, before the optimizer step the adapters wait at. Parameters and optimizer
+# moments of any real model are larger and are copied in the background.
+IMMEDIATE_COPY_BYTES = 256 * 1024
+_SAMPLED_POSITIONS = 16
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """What a buffer holds: a copy of this exact storage view at this version."""
+
+    storage: weakref.ref[torch.UntypedStorage]
+    view: Any
+    version: int
+
+
+@dataclass
+class _Copy:
+    key: BufferKey
+    source: torch.Tensor
+    buffer: torch.Tensor
+    version: int | None  # the source's version counter when the snapshot was taken (None: not tracked)
+
+
+@dataclass
+class StagingPlan:
+    """One snapshot: `staged` is its structure (tensors are this stager's buffers); `run()` fills them."""
+
+    staged: Any
+    stager: HostStager
+    copies: list[_Copy] = field(default_factory=list)
+    copied_bytes: int = 0
+    skipped_bytes: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        """Copy every planned tensor (on any thread), then check none was modified before its copy."""
+        try:
+            synchronize = False
+            for copy in self.copies:
+                synchronize = self.stager._copy(copy) or synchronize
+            if synchronize:
+                torch.cuda.synchronize()
+            for copy in self.copies:
+                self._check_unchanged(copy)
+                self.stager._remember(copy)
+        except BaseException:
+            for copy in self.copies:
+                self.stager._forget(copy.key)
+            raise
+        finally:
+            self.done.set()
+
+    def _check_unchanged(self, copy: _Copy) -> None:
+        if copy.version is not None and _version(copy.source) != copy.version:
+            raise CheckpointError(
+                f"'{'/'.join(copy.key)}' was modified in place before its deferred host copy finished, so the "
+                "checkpoint would mix two training steps. Call manager.wait_for_staging() before the optimizer "
+                "step (the adapters do), or save without defer_staging."
+            )
 
 
 class HostStager:
-    def __init__(self, pin_memory: bool | None = None) -> None:
+    def __init__(self, pin_memory: bool | None = None, *, skip_unchanged: bool = True) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.skip_unchanged = skip_unchanged
         self._buffers: dict[BufferKey, torch.Tensor] = {}
+        self._marks: dict[BufferKey, _Mark] = {}
 
     @property
     def staged_bytes(self) -> int:
@@ -29,37 +109,114 @@ class HostStager:
 
     def stage(self, state: Any, prefix: BufferKey = ()) -> Any:
         """A copy of `state` whose tensors live in this stager's host buffers; shared tensors stay shared."""
-        copies: dict[Any, torch.Tensor] = {}
-        needs_sync = False
+        plan = self.plan(state, prefix)
+        plan.run()
+        return plan.staged
+
+    def plan(self, state: Any, prefix: BufferKey = (), *, defer: bool = False) -> StagingPlan:
+        """Fix the snapshot's structure and buffers now; the copies happen in `run()`.
+
+        With `defer`, tensors below `IMMEDIATE_COPY_BYTES` are copied here and now, the rest by `run()`."""
+        plan = StagingPlan(staged=None, stager=self)
+        planned: dict[Any, torch.Tensor] = {}
 
         def visit(value: Any, key: BufferKey) -> Any:
-            nonlocal needs_sync
             if isinstance(value, torch.Tensor):
                 identity = view_key(value) or id(value)
-                if identity in copies:
-                    return copies[identity]
-                buffer = self._buffer_for(key, value)
-                non_blocking = value.device.type == "cuda" and self.pin_memory
-                buffer.copy_(value.detach(), non_blocking=non_blocking)
-                needs_sync = needs_sync or non_blocking
-                copies[identity] = buffer
-                return buffer
+                if identity not in planned:
+                    planned[identity] = self._plan_tensor(plan, value, key, defer)
+                return planned[identity]
             if isinstance(value, dict):
-                return {k: visit(v, (*key, str(k))) for k, v in value.items()}
+                return _like(value, {k: visit(v, (*key, str(k))) for k, v in value.items()})
             if isinstance(value, list):
                 return [visit(v, (*key, str(i))) for i, v in enumerate(value)]
             if isinstance(value, tuple):
-                return tuple(visit(v, (*key, str(i))) for i, v in enumerate(value))
+                items = [visit(v, (*key, str(i))) for i, v in enumerate(value)]
+                return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # namedtuples stay named
             return value  # ints, floats, strings, and objects the engine serializes as they are
 
-        staged = visit(state, prefix)
-        if needs_sync:
-            torch.cuda.synchronize()
-        return staged
+        plan.staged = visit(state, prefix)
+        return plan
+
+    def _plan_tensor(self, plan: StagingPlan, value: torch.Tensor, key: BufferKey, defer: bool) -> torch.Tensor:
+        buffer = self._buffer_for(key, value)
+        nbytes = buffer.numel() * buffer.element_size()
+        if self._holds_unchanged(key, value, buffer):
+            plan.skipped_bytes += nbytes
+            return buffer
+        copy = _Copy(key, value.detach(), buffer, _version(value))
+        plan.copied_bytes += nbytes
+        if defer and nbytes < IMMEDIATE_COPY_BYTES:
+            if self._copy(copy):
+                torch.cuda.synchronize()
+            self._remember(copy)
+        else:
+            self._forget(key)  # until the copy is done, the buffer holds nothing we can vouch for
+            plan.copies.append(copy)
+        return buffer
+
+    def _copy(self, copy: _Copy) -> bool:
+        """Copy one tensor into its buffer; True when the copy is asynchronous and needs a synchronize."""
+        non_blocking = copy.source.device.type == "cuda" and self.pin_memory
+        copy.buffer.copy_(copy.source, non_blocking=non_blocking)
+        return non_blocking
+
+    def _holds_unchanged(self, key: BufferKey, value: torch.Tensor, buffer: torch.Tensor) -> bool:
+        mark = self._marks.get(key)
+        if not self.skip_unchanged or mark is None or not value.is_contiguous():
+            return False
+        try:
+            storage = value.untyped_storage()
+        except RuntimeError:  # tensor subclasses without a plain storage
+            return False
+        same = mark.storage() is storage and mark.view == view_key(value) and mark.version == _version(value)
+        return same and _samples_equal(value, buffer)
+
+    def _remember(self, copy: _Copy) -> None:
+        if not self.skip_unchanged or copy.version is None or not copy.source.is_contiguous():
+            return
+        try:
+            storage = weakref.ref(copy.source.untyped_storage())
+        except (RuntimeError, TypeError):
+            return
+        self._marks[copy.key] = _Mark(storage, view_key(copy.source), copy.version)
+
+    def _forget(self, key: BufferKey) -> None:
+        self._marks.pop(key, None)
 
     def _buffer_for(self, key: BufferKey, like: torch.Tensor) -> torch.Tensor:
         buffer = self._buffers.get(key)
         if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype:
             buffer = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=self.pin_memory)
             self._buffers[key] = buffer
+            self._forget(key)
         return buffer
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place op), or None when it has none."""
+    try:
+        return int(tensor._version)
+    except (RuntimeError, AttributeError):  # inference-mode tensors and some subclasses track no version
+        return None
+
+
+def _samples_equal(value: torch.Tensor, buffer: torch.Tensor) -> bool:
+    """Whether the live tensor and its staged copy agree at a few evenly spread positions."""
+    count = value.numel()
+    if count == 0:
+        return True
+    positions = torch.linspace(0, count - 1, min(count, _SAMPLED_POSITIONS), dtype=torch.long)
+    live = value.detach().reshape(-1)[positions.to(value.device)].cpu()
+    return torch.equal(live, buffer.reshape(-1)[positions])
+
+
+def _like(original: dict[Any, Any], items: dict[Any, Any]) -> dict[Any, Any]:
+    """`items` in a mapping of the original's type: a `state_dict()` is an OrderedDict whose `_metadata`
+    (module versions) `load_state_dict` reads, and the engines write what they are given."""
+    if type(original) is dict:
+        return items
+    same = copy.copy(original)  # keeps the subclass, its attributes and a defaultdict's factory
+    same.clear()
+    same.update(items)
+    return same

@@ -12,7 +12,6 @@ standard one, so every safetensors reader (`safe_open`, `load_file`,
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ckpt_callbacks.core.written_files import open_for_writing
 from ckpt_callbacks.errors import CheckpointCorruptError
 
 _DTYPE_CODES = {
@@ -40,9 +40,24 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
                       *, fsync: bool = True) -> None:
     """Write `tensors` to `path` in the safetensors format, streaming each tensor's bytes.
 
+    The file is written through `written_files.open_for_writing`, so when the core records a checkpoint
+    its checksum is computed on the way out instead of by reading the file back.
+
     Example:
         >>> write_safetensors(Path("model.safetensors"), {"w": torch.zeros(2, 2)}, {"format": "pt"})
     """
+    header_bytes, ordered = _safetensors_header(path, tensors, metadata)
+    with open_for_writing(path, fsync=fsync) as f:
+        f.write(struct.pack("<Q", len(header_bytes)))
+        f.write(header_bytes)
+        for tensor in ordered:
+            if tensor.numel():
+                f.write(_byte_view(tensor))
+
+
+def _safetensors_header(path: Path, tensors: Mapping[str, torch.Tensor],
+                        metadata: Mapping[str, str] | None) -> tuple[bytes, list[torch.Tensor]]:
+    """The padded JSON header of a safetensors file, and the tensors in the order their bytes follow it."""
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -56,16 +71,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
         ordered.append(tensor)
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
-    header_bytes += b" " * (-len(header_bytes) % _ALIGNMENT)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header_bytes)))
-        f.write(header_bytes)
-        for tensor in ordered:
-            if tensor.numel():
-                f.write(_byte_view(tensor))
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+    return header_bytes + b" " * (-len(header_bytes) % _ALIGNMENT), ordered
 
 
 def _byte_view(tensor: torch.Tensor) -> memoryview:
