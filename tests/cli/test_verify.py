@@ -109,7 +109,7 @@ def test_verify_loads_lightning_ckpt_files_and_checks_their_crcs(trained: Path, 
 
 
 def test_verify_checks_adapter_checkpoints_by_checksum(trained: Path) -> None:
-    for run in ("hf-callback", "lightning-plugin", "lightning-files"):
+    for run in ("hf-callback", "lightning-plugin"):
         result = run_cli("verify", trained / run)
         assert result.code == 0, result.out
         assert result.out.count("sizes and checksums of") == 2
