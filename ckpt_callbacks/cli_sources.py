@@ -88,7 +88,7 @@ class VerifyReport:
 
     name: str
     path: str
-    kind: str
+    format: str  # "ckpt_callbacks/safetensors", "hf-trainer", "lightning", ... ("staging", "unknown")
     status: str  # "ok", "failed" or "uncommitted"
     check: str  # "checksum", "size", "structure" or "none"
     files_checked: int = 0
@@ -164,7 +164,7 @@ class Checkpoint(ABC):
         return as_state_dict(self.load(piece), where=f"{self.name}/{piece}")
 
     def _report(self, status: str, check: str) -> VerifyReport:
-        return VerifyReport(name=self.name, path=str(self.path), kind=self.format, status=status, check=check)
+        return VerifyReport(name=self.name, path=str(self.path), format=self.format, status=status, check=check)
 
 
 class ManifestCheckpoint(Checkpoint):
