@@ -46,6 +46,9 @@ FLUSH_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(sign
 
 
 class BackgroundWriter:
+    # Niceness of the writer thread (Linux: per thread). Higher yields the CPU to training when both want it.
+    niceness = 0
+
     def __init__(self, max_in_flight: int = 1) -> None:
         self.max_in_flight = max_in_flight
         self._executor: ThreadPoolExecutor | None = None
@@ -63,7 +66,8 @@ class BackgroundWriter:
         failure and waiting for room."""
         self._raise_first_failure(block_until=self.max_in_flight - 1)
         if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer",
+                                                initializer=_lower_priority, initargs=(self.niceness,))
             _flush_at_exit.watch(self)
         self._pending.append(self._executor.submit(_after_staging, after, job))
 
@@ -120,6 +124,14 @@ class BackgroundWriter:
             if isinstance(first_error, CheckpointError):
                 raise first_error
             raise CheckpointWriteError(f"A background checkpoint write failed: {first_error!r}") from first_error
+
+
+def _lower_priority(niceness: int) -> None:
+    if niceness and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)  # this thread only, on Linux
+        except OSError:
+            pass  # not permitted: write at normal priority
 
 
 def _after_staging(staging: Future[None] | None, job: Callable[[], None]) -> None:

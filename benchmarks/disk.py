@@ -1,0 +1,103 @@
+"""(3) Durable save throughput vs `dd ... conv=fsync` of the same bytes on the same disk.
+
+Our saves are timed from the call until the checkpoint is committed (files and
+folders fsynced, manifest written, folder renamed). dd then writes the same
+files (the same bytes, read back from the page cache, as our writer reads its
+staged copy from memory) with `bs=64M conv=fsync`, one file after the other,
+as the writer does. The stock Trainer does not fsync; it is shown with an
+fsync of its files added, for reference. Variants alternate within a repeat
+and the disk is synced before each.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    clear,
+    dd_copy,
+    gb,
+    medians,
+    ratio,
+    row,
+    scratch,
+    sync_disk,
+    timed,
+    training_state,
+)
+from benchmarks.hf_setup import save_like_the_trainer, trainer_for
+from ckpt_callbacks import CheckpointArguments, CheckpointManager
+from ckpt_callbacks.core.durable import fsync_tree
+
+SYNC = "ours, sync save"
+ASYNC = "ours, async save, call to durable"
+DD = "dd bs=64M conv=fsync, same files"
+STOCK = "stock Trainer save + fsync of its files"
+
+
+def run(size: str, repeats: int) -> dict[str, Any]:
+    state = training_state(size)
+    seconds: dict[str, list[float]] = {SYNC: [], ASYNC: [], DD: [], STOCK: []}
+    nbytes = {SYNC: 0, ASYNC: 0, DD: 0, STOCK: 0}
+    with scratch("disk") as root:
+        ours = {mode: CheckpointManager(CheckpointArguments(output_dir=str(root / mode), async_save=mode == "async"))
+                for mode in ("sync", "async")}
+        stock = trainer_for(state, root / "stock")
+        copies = root / "dd"
+        copies.mkdir()
+        for repeat in range(repeats + 1):  # the first round warms up and is dropped
+            step = repeat + 1
+            measured = {}
+            state.touch()
+            sync_disk()
+            measured[SYNC] = timed(partial(ours["sync"].save, step, state.objects))
+            files = _files(root / "sync")
+            nbytes[SYNC] = nbytes[DD] = sum(f.stat().st_size for f in files)
+            sync_disk()
+            measured[DD] = dd_copy(files, copies)
+            clear(copies)
+            state.touch()
+            sync_disk()
+            measured[ASYNC] = timed(partial(_save_durably, ours["async"], step, state.objects))
+            nbytes[ASYNC] = sum(f.stat().st_size for f in _files(root / "async"))
+            sync_disk()
+            measured[STOCK] = timed(partial(_stock_save_durably, stock, step, root / "stock"))
+            nbytes[STOCK] = sum(f.stat().st_size for f in _files(root / "stock"))
+            for folder in (root / "sync", root / "async", root / "stock"):
+                clear(folder)
+            if repeat:
+                for name, value in measured.items():
+                    seconds[name].append(value)
+        for manager in ours.values():
+            manager.close()
+    rows = [row(f"{name}: time", values) for name, values in seconds.items()]
+    rows += [row(f"{name}: throughput", [gb(nbytes[name]) / s for s in values], unit="GB/s")
+             for name, values in seconds.items()]
+    m = medians(rows)
+    return {
+        "scenario": "disk", "title": "(3) durable save throughput", "size": size, "bytes": nbytes[SYNC], "rows": rows,
+        "ratios": [
+            ratio("ours sync / dd throughput", m[f"{SYNC}: throughput"], m[f"{DD}: throughput"], target=0.9,
+                  higher_is_better=True),
+            ratio("ours async (call to durable) / dd throughput", m[f"{ASYNC}: throughput"], m[f"{DD}: throughput"],
+                  target=0.9, higher_is_better=True),
+        ],
+    }
+
+
+def _save_durably(manager: CheckpointManager, step: int, objects: dict[str, Any]) -> None:
+    manager.save(step, objects)
+    manager.wait()
+
+
+def _stock_save_durably(trainer: Any, step: int, folder: Path) -> None:
+    save_like_the_trainer(trainer, step)
+    fsync_tree(folder)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(Path(dirpath) / name for dirpath, _, names in os.walk(folder) for name in names
+                  if not name.startswith(".ckpt_callbacks"))

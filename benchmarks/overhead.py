@@ -1,0 +1,156 @@
+"""(2) Wall-time overhead of saving every K steps vs saving nothing, stock vs this library.
+
+Each run trains a fresh GPT-2 for N = 3K steps and times the window from the
+first step's start to the end of step N, before the final save the `steps`
+strategy adds (so every run ends the same way and no run is charged for
+waiting on its last write). The window holds the saves of steps K and 2K and,
+for asynchronous saves, their background writes: K steps are long enough for
+the disk to keep up (the durable write time is reported beside). Overhead =
+median window with saves - median window without; the variants of one
+repeat run interleaved.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, TrainerCallback
+
+from benchmarks.common import clear, gpt2, median, medians, ratio, row, scratch, sync_disk, tokens
+from benchmarks.hf_setup import DeferredCheckpointCallback, make_trainer
+from ckpt_callbacks import CheckpointArguments, CheckpointManager
+from ckpt_callbacks.hf import CheckpointCallback
+
+SEQUENCE = 64
+EVERY = {"45M": 8, "124M": 8}
+
+HF_NONE = "HF Trainer, no saves"
+HF_STOCK = "HF Trainer, stock saves"
+HF_OURS = "HF Trainer + our callback (async)"
+HF_DEFERRED = "HF Trainer + our callback (async, deferred staging)"
+LOOP_NONE = "plain loop, no saves"
+LOOP_ASYNC = "plain loop + manager (async)"
+LOOP_DEFERRED = "plain loop + manager (async, deferred staging)"
+LOOP_SYNC = "plain loop + manager (sync)"
+
+
+class Window:
+    """Wall and process CPU seconds (all threads) between `start()` and `stop()`."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = float("nan")
+        self._started: tuple[float, float] | None = None
+
+    def start(self) -> None:
+        self._started = (time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        assert self._started is not None
+        self.wall = time.perf_counter() - self._started[0]
+        self.cpu = time.process_time() - self._started[1]
+
+
+class StepClock(TrainerCallback):
+    """Times the first step's start to the end of step `last`."""
+
+    def __init__(self, last: int) -> None:
+        self.last = last
+        self.window = Window()
+        self._started = False
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._started:
+            self._started = True
+            self.window.start()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step == self.last:
+            self.window.stop()
+
+
+def run(size: str, repeats: int, every: int | None = None) -> dict[str, Any]:
+    every = every or (EVERY[size] if repeats > 1 else 4)
+    steps = 3 * every
+    names = (HF_NONE, HF_STOCK, HF_OURS, HF_DEFERRED, LOOP_NONE, LOOP_ASYNC, LOOP_DEFERRED, LOOP_SYNC)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    durable: list[float] = []
+    with scratch("overhead") as root:
+        for _ in range(repeats):
+            for name in names:
+                if name.startswith("HF"):
+                    window = _hf_run(size, root / "run", name, every, steps)
+                else:
+                    window, write = _loop_run(size, root / "run", name, every, steps)
+                    if name == LOOP_ASYNC and write is not None:
+                        durable.append(write)
+                wall[name].append(window.wall)
+                cpu[name].append(window.cpu)
+                clear(root)
+    rows = [row(name, values) for name, values in wall.items()]
+    m = medians(rows)
+    cpu_m = {name: median(values) for name, values in cpu.items()}
+    baseline = {name: HF_NONE if name.startswith("HF") else LOOP_NONE for name in names}
+    saving = [name for name in names if name not in (HF_NONE, LOOP_NONE)]
+    overheads = {name: m[name] - m[baseline[name]] for name in saving}
+    rows += [row(f"overhead: {name}", [seconds], note="median window - median window without saves")
+             for name, seconds in overheads.items()]
+    rows += [row(f"CPU overhead: {name}", [cpu_m[name] - cpu_m[baseline[name]]],
+                 note="process CPU seconds (all threads), median - median without saves") for name in saving]
+    rows.append(row("durable write of one async save (plain loop)", durable))
+    cpu_overheads = {name: cpu_m[name] - cpu_m[baseline[name]] for name in saving}
+    return {
+        "scenario": "overhead", "title": f"(2) training wall time, {steps} steps, a save every {every}",
+        "size": size, "rows": rows, "every": every, "steps": steps,
+        "ratios": [
+            ratio("overhead: our callback / stock", overheads[HF_OURS], overheads[HF_STOCK], target=0.1),
+            ratio("overhead: our callback, deferred / stock", overheads[HF_DEFERRED], overheads[HF_STOCK], target=0.1),
+            ratio("overhead: plain async / stock HF", overheads[LOOP_ASYNC], overheads[HF_STOCK], target=0.1),
+            ratio("CPU overhead: our callback / stock", cpu_overheads[HF_OURS], cpu_overheads[HF_STOCK]),
+        ],
+    }
+
+
+def _hf_run(size: str, output_dir: Any, name: str, every: int, steps: int) -> Window:
+    clock = StepClock(steps)
+    callbacks: list[TrainerCallback] = [clock]
+    if name == HF_OURS:
+        callbacks.append(CheckpointCallback(export_at_end=False))
+    elif name == HF_DEFERRED:
+        callbacks.append(DeferredCheckpointCallback(export_at_end=False))
+    trainer = make_trainer(gpt2(size), output_dir, callbacks, samples=steps, length=SEQUENCE, max_steps=steps,
+                           save_steps=None if name == HF_NONE else every)
+    trainer.remove_callback(PrinterCallback)
+    sync_disk()
+    trainer.train()
+    return clock.window
+
+
+def _loop_run(size: str, output_dir: Any, name: str, every: int, steps: int) -> tuple[Window, float | None]:
+    model = gpt2(size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
+    manager = None if name == LOOP_NONE else CheckpointManager(
+        CheckpointArguments(output_dir=str(output_dir), async_save=name != LOOP_SYNC))
+    sync_disk()
+    window = Window()
+    window.start()
+    for step in range(1, steps + 1):
+        batch = tokens(1, SEQUENCE, seed=step)
+        model(input_ids=batch, labels=batch).loss.backward()
+        if manager is not None:
+            manager.wait_for_staging()  # where an adapter waits: just before the optimizer step
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if manager is not None and step % every == 0 and step < steps:
+            manager.save(step, objects, defer_staging=name == LOOP_DEFERRED)
+    window.stop()
+    if manager is None:
+        return window, None
+    manager.close()
+    assert manager.last_save is not None
+    return window, manager.last_save.total_seconds

@@ -1,0 +1,166 @@
+"""Run the benchmark suite: `.venv/bin/python benchmarks/run.py [--quick] [--only stall,disk] [--sizes 45M,124M]`.
+
+Each scenario runs per model size in a fresh subprocess (so memory figures and
+failures stay separate), prints its table, and the whole run is written to
+`benchmarks/results/{timestamp}.json` and `benchmarks/results/latest.json`.
+`--table FILE` prints the table of an earlier run again (Markdown with `--markdown`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT.parent))
+
+from benchmarks.common import RESULTS, SIZES, quiet  # noqa: E402
+
+# name -> (module, runs per figure in a full run, in a --quick run, sizes it runs at)
+SCENARIOS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
+    "stall": ("benchmarks.stall", 5, 2, ("45M", "124M")),
+    "overhead": ("benchmarks.overhead", 3, 1, ("45M", "124M")),
+    "disk": ("benchmarks.disk", 5, 2, ("45M", "124M")),
+    "resume": ("benchmarks.resume", 5, 2, ("45M", "124M")),
+    "memory": ("benchmarks.memory", 10, 4, ("124M",)),
+    "export": ("benchmarks.export", 5, 2, ("45M", "124M")),
+    "lightning": ("benchmarks.lightning_io", 5, 2, ("45M", "124M")),
+    "writer_mode": ("benchmarks.writer_mode", 5, 2, ("124M",)),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer runs, the 45M model only (a smoke run, ~10 min)")
+    parser.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
+    parser.add_argument("--sizes", default="", help=f"comma-separated model sizes: {', '.join(SIZES)}")
+    parser.add_argument("--repeats", type=int, default=0, help="runs per figure (default: per scenario)")
+    parser.add_argument("--table", type=Path, help="print the table of an earlier results file and exit")
+    parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)  # internal: run one scenario in this process
+    parser.add_argument("--size", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.table:
+        print_tables(json.loads(options.table.read_text())["results"], markdown=options.markdown)
+        return
+    if options.scenario:
+        run_in_process(options.scenario, options.size, options.repeats, options.out)
+        return
+    run_suite(options)
+
+
+def run_suite(options: argparse.Namespace) -> None:
+    names = [n for n in options.only.split(",") if n] or list(SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        sys.exit(f"unknown scenario(s) {unknown}; choose from {', '.join(SCENARIOS)}")
+    wanted_sizes = [s for s in options.sizes.split(",") if s] or (["45M"] if options.quick else list(SIZES))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run: dict[str, Any] = {"started": stamp, "machine": machine(), "quick": options.quick, "results": []}
+    for name in names:
+        module, full, quick, sizes = SCENARIOS[name]
+        repeats = options.repeats or (quick if options.quick else full)
+        for size in [s for s in wanted_sizes if s in sizes] or ([sizes[0]] if options.quick else []):
+            out = RESULTS / f".{name}-{size}.json"
+            started = time.perf_counter()
+            print(f"-- {name} {size}: {repeats} run(s) per figure ...", flush=True)
+            command = [sys.executable, __file__, "--scenario", name, "--size", size, "--repeats", str(repeats), "--out", str(out)]
+            done = subprocess.run(command, cwd=ROOT.parent)
+            if done.returncode != 0 or not out.exists():
+                run["results"].append({"scenario": name, "size": size, "error": f"exit status {done.returncode}"})
+                print(f"   {name} {size} FAILED (exit status {done.returncode})", flush=True)
+                continue
+            result = json.loads(out.read_text())
+            out.unlink()
+            result["wall_seconds"] = time.perf_counter() - started
+            run["results"].append(result)
+            print_tables([result], markdown=options.markdown)
+            _write(run, stamp)
+    _write(run, stamp)
+    print(f"\nResults: {RESULTS / f'{stamp}.json'} (also latest.json)")
+
+
+def run_in_process(name: str, size: str, repeats: int, out: Path) -> None:
+    quiet()
+    module = importlib.import_module(SCENARIOS[name][0])
+    result = module.run(size, repeats)
+    out.write_text(json.dumps(result, indent=2, default=float))
+
+
+def _write(run: dict[str, Any], stamp: str) -> None:
+    text = json.dumps(run, indent=2, default=float)
+    (RESULTS / f"{stamp}.json").write_text(text)
+    (RESULTS / "latest.json").write_text(text)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
+
+
+def print_tables(results: list[dict[str, Any]], *, markdown: bool = False) -> None:
+    for result in results:
+        if "error" in result:
+            print(f"\n{result['scenario']} {result['size']}: {result['error']}")
+            continue
+        size_note = f"{result['size']} GPT-2, {result['bytes'] / 1e9:.2f} GB checkpoint" if "bytes" in result else result["size"]
+        print(f"\n{result['title']} - {size_note}")
+        lines = [("", "median", "runs")] + [(r["name"], _fmt(r["median"], r["unit"]), " ".join(_fmt(v, r["unit"]) for v in r["runs"]))
+                                           for r in result["rows"]]
+        _print_lines(lines, markdown)
+        if result.get("ratios"):
+            ratio_lines = [("ratio", "value", "target")] + [
+                (r["name"], f"{r['value']:.3f}", _target(r)) for r in result["ratios"]]
+            print()
+            _print_lines(ratio_lines, markdown)
+
+
+def _target(entry: dict[str, Any]) -> str:
+    if entry["target"] is None:
+        return ""
+    sign = ">=" if entry["higher_is_better"] else "<="
+    return f"{sign} {entry['target']:.3g}: {'met' if entry['met'] else 'NOT met'}"
+
+
+def _fmt(value: float, unit: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if unit == "s":
+        return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+    if unit == "GB":
+        return f"{value:.2f} GB"
+    if unit == "GB/s":
+        return f"{value:.2f} GB/s"
+    if unit == "steps/s":
+        return f"{value:.0f}/s"
+    return f"{value:.3g} {unit}"
+
+
+def _print_lines(lines: list[tuple[str, str, str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(lines[0]) + " |")
+        print("|" + "---|" * len(lines[0]))
+        for line in lines[1:]:
+            print("| " + " | ".join(line) + " |")
+        return
+    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    for line in lines:
+        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+if __name__ == "__main__":
+    main()
