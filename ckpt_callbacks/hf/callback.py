@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -60,6 +61,10 @@ class CheckpointCallback(TrainerCallback):
         but the best, as it always does (retention during training is the core's).
       - DeepSpeed and FSDP are refused (sharded optimizer state); PEFT models are saved as full weights;
         the Ray Tune writer `_tune_save_checkpoint` is not covered.
+
+    DDP (`torchrun`, `accelerate launch`): every rank writes its `rng_state_{rank}.pth`, rank 0 the other files;
+    the commit is collective, retention and export run once. All ranks must see `output_dir` (a shared
+    filesystem across nodes), `save_on_each_node` included.
     """
 
     def __init__(self, args: CheckpointArguments | None = None, *, trainer: Any = None, **flags: Any) -> None:
@@ -164,8 +169,8 @@ class CheckpointCallback(TrainerCallback):
         else:
             if self.args.load_best_model_at_end and not args.load_best_model_at_end:
                 self._load_best_model()  # the stock Trainer does it itself when its own flag is set
-            if self.args.export_at_end and args.should_save:
-                self._export()
+            if self.args.export_at_end and args.process_index == 0:
+                self._export()  # once per run (should_save is true on every node with save_on_each_node)
         self._finish_run()
 
     # ------------------------------------------------------------------ when to save
@@ -178,7 +183,14 @@ class CheckpointCallback(TrainerCallback):
             control.should_save = self.policy.on_step_end(state.global_step)
         elif self.policy.time_interval_elapsed():
             control.should_save = True
-        if self.preemption.requested:
+        preempted = self.preemption.requested
+        ours = self.policy.args
+        if args.world_size > 1 and (ours.save_on_signal or ours.save_time_interval is not None):
+            # Clocks and signals differ between processes, and a save is collective: every rank must agree.
+            control.should_save, preempted = _on_any_rank(args, control.should_save, preempted)
+            if preempted and not self.preemption.requested:
+                self.preemption.received = signal.SIGTERM  # stopped because another rank was signalled
+        if preempted:
             control.should_save = True
             control.should_training_stop = True
 
@@ -329,6 +341,19 @@ def save_stats_for_log(saves: list[SaveStats]) -> dict[str, float]:
     if total > 0:
         logs["ckpt_save_MBps"] = round(written / 1e6 / total, 2)
     return logs
+
+
+def _on_any_rank(args: TrainingArguments, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true on every rank when it is true on any. On the training's own process group and thread:
+    the checkpoint group may be busy with an async save."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return flags
+    votes = torch.tensor([int(flag) for flag in flags], device=args.device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return tuple(bool(vote) for vote in votes.tolist())
 
 
 def _check_supported(trainer: Any) -> None:

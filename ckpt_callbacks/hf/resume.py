@@ -4,7 +4,8 @@
 truncated optimizer file fails deep inside torch, a missing one is silently
 skipped. The callback checks the chosen checkpoint against its manifest before
 the stock loader runs, and names the bad file. With `fallback_to_verified`, it
-resumes from the newest checkpoint that verifies instead.
+resumes from the newest checkpoint that verifies instead. With several
+processes, rank 0 checks and every rank follows its verdict.
 """
 
 from __future__ import annotations
@@ -28,9 +29,29 @@ def verified_resume_checkpoint(requested: Any, manager: CheckpointManager) -> An
 
     `True` resolves as the stock Trainer does (`get_last_checkpoint` of the checkpoint folder). A folder
     without a manifest (written by the stock Trainer) is passed through unverified.
+
+    Collective with several processes (every rank calls it, as every rank calls `train`): rank 0 reads and
+    checksums the files once, instead of every rank reading all of them, and broadcasts the outcome, so
+    every rank resumes from the same checkpoint or raises the same error (none is left waiting in training).
     """
     if requested is None or requested is False:
-        return requested
+        return requested  # the same on every rank (all run the same script): nothing to agree on
+    collective = manager.collective
+    if collective.world_size == 1:
+        return _resolve_and_verify(requested, manager)
+    verdict: tuple[Any, Exception | None] | None = None
+    if collective.rank == 0:
+        try:
+            verdict = (_resolve_and_verify(requested, manager), None)
+        except Exception as exc:  # every rank must learn of it, or the others would wait for rank 0 forever
+            verdict = (None, exc)
+    resolved, error = collective.broadcast_object(verdict)
+    if error is not None:
+        raise error
+    return resolved
+
+
+def _resolve_and_verify(requested: Any, manager: CheckpointManager) -> Any:
     root = manager.store.root
     if requested is True and "://" in root:
         return requested  # the stock Trainer resumes from local folders only; let it say so

@@ -215,7 +215,7 @@ class CheckpointCallbackLogic:
         self._last_step_seen = step
         self._flush_deferred_save(trainer)
         stop = self._preemption_requested(trainer)
-        if stop or self._policy.on_step_end(step):
+        if stop or self._step_save_due(trainer, step):
             if not stop and _validation_follows(trainer):
                 # Save after that validation: the checkpoint then records its metrics.
                 self._deferred_save_step = step
@@ -300,6 +300,14 @@ class CheckpointCallbackLogic:
         if getattr(loader, "num_workers", 0) > 0:
             self._data.before_iterator()
             _recreate_train_iterator(trainer)
+
+    def _step_save_due(self, trainer: Any, step: int) -> bool:
+        assert self._policy is not None
+        due = self._policy.on_step_end(step)
+        if trainer.world_size > 1 and self.args.save_time_interval is not None:
+            # Clocks differ between processes and Lightning's save is collective: every rank must agree.
+            due = trainer.strategy.reduce_boolean_decision(due, all=False)
+        return bool(due)
 
     def _preemption_requested(self, trainer: Any) -> bool:
         requested = self._preemption.requested

@@ -68,8 +68,8 @@ def full_values(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dic
     return values
 
 
-def sharded_save(rank: int, world_size: int, output_dir: str, reference_file: str) -> None:
-    model, optimizer = build_fsdp(world_size)
+def train_and_save_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer, output_dir: str) -> CheckpointManager:
+    """Two optimizer steps (the same inputs on every rank), each saved with the dcp engine; returns the manager."""
     manager = CheckpointManager(CheckpointArguments(output_dir=output_dir, engine="dcp"))
     for step in range(1, 3):
         torch.manual_seed(step)
@@ -78,6 +78,12 @@ def sharded_save(rank: int, world_size: int, output_dir: str, reference_file: st
         optimizer.zero_grad()
         manager.save(step, {"model": model, "optimizer": optimizer})
     manager.wait()
+    return manager
+
+
+def sharded_save(rank: int, world_size: int, output_dir: str, reference_file: str) -> None:
+    model, optimizer = build_fsdp(world_size)
+    manager = train_and_save_sharded(model, optimizer, output_dir)
     values = full_values(model, optimizer)
     if rank == 0:
         torch.save(values, reference_file)
