@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import xxhash
 
@@ -103,7 +103,7 @@ class HashingFile:
 
 
 @contextmanager
-def open_for_writing(path: Path, *, fsync: bool = False) -> Iterator[HashingFile]:
+def open_for_writing(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
     """Open `path` for writing; when a ledger is recording, its checksum is recorded as the file closes.
 
     Only sequential `write` calls are supported (no seeking), so the digest is that of the file.
@@ -115,7 +115,7 @@ def open_for_writing(path: Path, *, fsync: bool = False) -> Iterator[HashingFile
     ledger = _ACTIVE.get()
     handle = HashingFile(path)
     try:
-        yield handle
+        yield cast(BinaryIO, handle)  # a write-only binary file, which is what torch.save and the writers need
         handle.flush()
         if fsync:
             os.fsync(handle.fileno())
