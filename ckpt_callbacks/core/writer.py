@@ -14,13 +14,19 @@ left to raise to), and on SIGTERM/SIGUSR1 when nothing else handles them:
 the handler waits for the writes, then lets the signal end the process as it
 would have.
 
-Why a thread and not a process: the writer's Python work is a few
-microseconds per tensor; file writes, fsync and hashing release the GIL. On the
-project machine (2 cores) a GIL-bound training loop ran at a median 265 steps/s
-while a thread wrote a checkpoint and 284 steps/s while a separate process did
-(733 steps/s with no write; 5 interleaved runs, `benchmarks/writer_mode.py`):
+Why a thread and not a process: the writer's Python work is a few calls per
+file (`written_files.write_buffers`); file writes, fsync and hashing release
+the GIL. On the project machine (2 cores), a GIL-bound training loop ran at the
+same speed while a thread or a separate process wrote a 1.49 GB checkpoint
+(median ratio 0.92-1.07 over four interleaved runs, `benchmarks/writer_mode.py`):
 the slowdown is the CPU and memory bandwidth the write itself takes, which a
 process pays too, plus shared-memory staging and a second interpreter.
+
+Why the writer thread runs at niceness 10: when training and the write both
+want the CPU, training should win; the write has the whole save interval. In
+the same benchmark the loop ran 1.3-1.9x faster during a write at niceness 10
+than at 0 (the write took longer, still far below a save interval). Set
+`BackgroundWriter.niceness = 0` to write at normal priority.
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ FLUSH_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(sign
 
 
 class BackgroundWriter:
-    # Niceness of the writer thread (Linux: per thread). Higher yields the CPU to training when both want it.
-    niceness = 0
+    # Niceness of the writer thread (per thread on Linux): it yields the CPU to training when both want it.
+    niceness = 10
 
     def __init__(self, max_in_flight: int = 1) -> None:
         self.max_in_flight = max_in_flight
