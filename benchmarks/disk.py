@@ -30,9 +30,11 @@ from benchmarks.common import (
 )
 from benchmarks.hf_setup import save_like_the_trainer, trainer_for
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
+from ckpt_callbacks.core import tensor_files
 from ckpt_callbacks.core.durable import fsync_tree
 
 SYNC = "ours, sync save"
+ONE_THREAD = "ours, sync save, 1 write thread per file"
 ASYNC = "ours, async save, call to durable"
 DD = "dd bs=64M conv=fsync, same files"
 STOCK = "stock Trainer save + fsync of its files"
@@ -40,11 +42,11 @@ STOCK = "stock Trainer save + fsync of its files"
 
 def run(size: str, repeats: int) -> dict[str, Any]:
     state = training_state(size)
-    seconds: dict[str, list[float]] = {SYNC: [], ASYNC: [], DD: [], STOCK: []}
-    nbytes = {SYNC: 0, ASYNC: 0, DD: 0, STOCK: 0}
+    seconds: dict[str, list[float]] = {SYNC: [], ONE_THREAD: [], ASYNC: [], DD: [], STOCK: []}
+    nbytes = {SYNC: 0, ONE_THREAD: 0, ASYNC: 0, DD: 0, STOCK: 0}
     with scratch("disk") as root:
         ours = {mode: CheckpointManager(CheckpointArguments(output_dir=str(root / mode), async_save=mode == "async"))
-                for mode in ("sync", "async")}
+                for mode in ("sync", "one-thread", "async")}
         stock = trainer_for(state, root / "stock")
         copies = root / "dd"
         copies.mkdir()
@@ -61,12 +63,18 @@ def run(size: str, repeats: int) -> dict[str, Any]:
             clear(copies)
             state.touch()
             sync_disk()
+            default_threads, tensor_files.WRITE_THREADS = tensor_files.WRITE_THREADS, 1
+            measured[ONE_THREAD] = timed(partial(ours["one-thread"].save, step, state.objects))
+            tensor_files.WRITE_THREADS = default_threads
+            nbytes[ONE_THREAD] = nbytes[SYNC]
+            state.touch()
+            sync_disk()
             measured[ASYNC] = timed(partial(_save_durably, ours["async"], step, state.objects))
             nbytes[ASYNC] = sum(f.stat().st_size for f in _files(root / "async"))
             sync_disk()
             measured[STOCK] = timed(partial(_stock_save_durably, stock, step, root / "stock"))
             nbytes[STOCK] = sum(f.stat().st_size for f in _files(root / "stock"))
-            for folder in (root / "sync", root / "async", root / "stock"):
+            for folder in (root / "sync", root / "one-thread", root / "async", root / "stock"):
                 clear(folder)
             if repeat:
                 for name, value in measured.items():
@@ -82,6 +90,8 @@ def run(size: str, repeats: int) -> dict[str, Any]:
         "ratios": [
             ratio("ours sync / dd throughput", m[f"{SYNC}: throughput"], m[f"{DD}: throughput"], target=0.9,
                   higher_is_better=True),
+            ratio("ours, 1 write thread / dd throughput", m[f"{ONE_THREAD}: throughput"], m[f"{DD}: throughput"],
+                  target=0.9, higher_is_better=True),
             ratio("ours async (call to durable) / dd throughput", m[f"{ASYNC}: throughput"], m[f"{DD}: throughput"],
                   target=0.9, higher_is_better=True),
         ],

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import errno
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -18,12 +19,15 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ckpt_callbacks import CheckpointArguments, CheckpointError, CheckpointManager
 from ckpt_callbacks.core import manifest as manifest_module
+from ckpt_callbacks.core import tensor_files
 from ckpt_callbacks.core.engines.safetensors_engine import SafetensorsEngine
 from ckpt_callbacks.core.manifest import find_problems, parse_manifest
 from ckpt_callbacks.core.staging import HostStager, StagingPlan
+from ckpt_callbacks.core.tensor_files import write_safetensors
 from ckpt_callbacks.errors import CheckpointWriteError
 
 from ..conftest import (
@@ -292,3 +296,20 @@ def test_pending_save_is_flushed_when_the_process_ends(tmp_path: Path, ending: s
     folder = tmp_path / "checkpoint-1"
     assert find_problems(folder, manifest_of(folder), "checksum") == []
     assert json.loads((folder / "manifest.json").read_text())["step"] == 1
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_safetensors_writer_resumes_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    tensors = {f"t{i}": torch.randn(i * 7 + 1) for i in range(12)} | {"half": torch.ones(5, dtype=torch.bfloat16)}
+    write_safetensors(tmp_path / "reference.safetensors", tensors, fsync=False)
+    real_writev, real_pwritev = os.writev, os.pwritev
+
+    def half_of_first(views: list[memoryview]) -> list[memoryview]:
+        return [views[0][: max(1, len(views[0]) // 2)]]  # the kernel may write less than asked
+
+    monkeypatch.setattr(os, "writev", lambda fd, views: real_writev(fd, half_of_first(views)))
+    monkeypatch.setattr(os, "pwritev", lambda fd, views, offset: real_pwritev(fd, half_of_first(views), offset))
+    monkeypatch.setattr(tensor_files, "WRITE_THREADS", threads)
+    write_safetensors(tmp_path / "short.safetensors", tensors, fsync=False)
+    assert (tmp_path / "short.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    assert_same_tensors(load_file(str(tmp_path / "short.safetensors")), tensors)
