@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ckpt_callbacks.core import layout
-from ckpt_callbacks.core.durable import fsync_dir, fsync_tree, remove_tree_quietly
+from ckpt_callbacks.core.durable import exchange_paths, fsync_dir, fsync_tree, remove_tree_quietly
 from ckpt_callbacks.core.manifest import Manifest, find_problems
 from ckpt_callbacks.errors import CheckpointError, CheckpointWriteError
 
@@ -97,19 +97,30 @@ class LocalStore(CheckpointStore):
 
     def publish(self, staging_dir: Path, name: str) -> None:
         target = self.path / name
+        retired = None
         try:
             fsync_tree(staging_dir)
-            trash = None
             if target.exists():
-                # Re-saving a step (e.g. after resuming): move the old one aside, then rename the new one in.
-                trash = self.path / layout.trash_name(name)
-                os.replace(target, trash)
-            os.replace(staging_dir, target)
+                retired = self._replace_checkpoint(staging_dir, target)
+            else:
+                os.replace(staging_dir, target)
             fsync_dir(self.path)
         except OSError as exc:
             raise _write_error(exc, target, "commit the checkpoint") from exc
-        if trash is not None:
-            remove_tree_quietly(trash)
+        if retired is not None:
+            remove_tree_quietly(retired)
+
+    def _replace_checkpoint(self, staging_dir: Path, target: Path) -> Path:
+        """Re-saving a step (e.g. a run restarted in its old output_dir): put the new folder in place of the old
+        one; returns the hidden name the old one now has. Where two names can be exchanged atomically (Linux),
+        `target` exists at every instant; elsewhere the old folder is moved aside first, and a crash between
+        the two renames loses both."""
+        if exchange_paths(staging_dir, target):
+            return staging_dir
+        trash = self.path / layout.trash_name(target.name)
+        os.replace(target, trash)
+        os.replace(staging_dir, target)
+        return trash
 
     def delete(self, name: str) -> None:
         # Rename first: the checkpoint disappears atomically, then the files go.
