@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ckpt_callbacks.core.engines.base import CheckpointEngine
-from ckpt_callbacks.core.engines.torch_engine import load_weights_only
+from ckpt_callbacks.core.engines.torch_engine import load_weights_only, save_torch
 from ckpt_callbacks.core.rng import numpy_state_as_stock, numpy_state_from_stock
 from ckpt_callbacks.core.tensor_files import read_safetensors, unique_tensors, write_safetensors
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundError
@@ -44,21 +44,21 @@ class HFEngine(CheckpointEngine):
         if relpath == "model":
             write_safetensors(directory / MODEL_FILE, unique_tensors(state), {"format": "pt"}, fsync=False)
         elif relpath in _TORCH_FILES:
-            torch.save(state, directory / _TORCH_FILES[relpath])
+            save_torch(state, directory / _TORCH_FILES[relpath])
         elif relpath == "rng" or relpath.startswith("rng_"):
-            torch.save(_rng_to_stock(state, single_process=relpath == "rng"), directory / rng_file_name(relpath))
+            save_torch(_rng_to_stock(state, single_process=relpath == "rng"), directory / rng_file_name(relpath))
         elif relpath == "trainer_state":
             (directory / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
         elif relpath == "training_args":
             # Written as the stock Trainer does (a pickle, for users' tools); this library never reads it back.
-            torch.save(state, directory / "training_args.bin")
+            save_torch(state, directory / "training_args.bin")
         elif relpath == PRETRAINED_PIECE:
             for obj in state:
                 obj.save_pretrained(str(directory))
         else:
             target = directory / f"{relpath}.pt"
             target.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(state, target)
+            save_torch(state, target)
 
     def load(self, relpath: str, map_location: Any = None) -> Any:
         directory = self.directory

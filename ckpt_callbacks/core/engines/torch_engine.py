@@ -9,7 +9,39 @@ from typing import Any
 import torch
 
 from ckpt_callbacks.core.engines.base import CheckpointEngine
+from ckpt_callbacks.core.written_files import open_for_writing
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
+
+
+def save_torch(state: Any, path: Path) -> None:
+    """`torch.save(state, path)` through a Python file object.
+
+    Written to a path, torch's own C++ writer reports a full or failing disk as an opaque `RuntimeError`
+    ("unexpected pos ..."); through a file object it is the `OSError` (ENOSPC, EIO, ...), here naming `path`,
+    which the core turns into a `CheckpointWriteError` with the cause. The checksum is also computed on
+    the way out, so sealing the checkpoint does not read the file back.
+
+    Example:
+        >>> save_torch(optimizer.state_dict(), Path("staging/optimizer.pt"))
+    """
+    try:
+        with open_for_writing(path) as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as exc:
+        # torch's zip writer finishes the archive even while an exception unwinds, and its own error then
+        # replaces the file's OSError: find that one in the chain.
+        os_error = _os_error_in(exc)
+        if os_error is None:
+            raise
+        raise OSError(os_error.errno, os_error.strerror, str(path)) from exc
+
+
+def _os_error_in(exc: BaseException | None) -> OSError | None:
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def load_weights_only(path: Any, map_location: Any = None) -> Any:
@@ -38,7 +70,7 @@ class TorchEngine(CheckpointEngine):
     def save(self, state: Any, relpath: str) -> None:
         target = self._file(relpath)
         target.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(state, target)
+        save_torch(state, target)
 
     def load(self, relpath: str, map_location: Any = None) -> Any:
         return load_weights_only(self._file(relpath), map_location)
