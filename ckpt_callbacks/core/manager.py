@@ -191,8 +191,19 @@ class CheckpointManager:
 
     def handle_signals(self) -> PreemptionFlag:
         """For plain loops: from now on SIGTERM/SIGUSR1 only set `preempted` (when `save_on_signal`), so the
-        loop saves at the next step boundary and stops: `if manager.preempted: break`. A second signal of the
-        same kind is not caught again: it ends the process as usual."""
+        loop saves at the next step boundary and stops. Read the flag once per step, so that a signal landing
+        between the save and the stop is handled at the next step instead of stopping without a save::
+
+            stop = manager.preempted
+            if stop or manager.should_save_step(step):
+                manager.save(step, state)
+            if stop:
+                break
+            ...
+            manager.close()                  # the last save is durable
+            sys.exit(manager.exit_code)      # 128 + signum after a preemption stop, else 0
+
+        A second signal of the same kind is not caught again: it ends the process as usual."""
         if self.args.save_on_signal:
             self.preemption.install()
         return self.preemption
@@ -200,6 +211,11 @@ class CheckpointManager:
     @property
     def preempted(self) -> bool:
         return self.preemption.requested
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal number once a preemption signal was received (143 for SIGTERM)."""
+        return self.preemption.exit_code
 
     def should_save_epoch(self) -> bool:
         return self.policy.on_epoch_end()

@@ -1,5 +1,9 @@
 """Preemption signals: the handler only sets a flag; the save happens at the next step boundary.
 
+Training then stops and returns normally (`train()`, `fit()`, or the plain loop's `break`); the library
+never ends the process. `exit_code` is what a preempted script should exit with, so that a scheduler
+sees an unfinished run: `sys.exit(callback.exit_code)`.
+
 Doing I/O or collectives inside a signal handler can deadlock or run mid-backward
 (Lightning #21406); a flag checked between steps cannot.
 """
@@ -47,5 +51,6 @@ class PreemptionFlag:
 
     @property
     def exit_code(self) -> int:
-        """The conventional exit status of a process ended by the received signal (128 + signum)."""
-        return 128 + (self.received or 0)
+        """0 when no signal was received, else the conventional status of a process ended by that signal:
+        128 + signum (143 for SIGTERM, 138 for SIGUSR1), what shells, Docker and Kubernetes report."""
+        return 0 if self.received is None else 128 + self.received

@@ -87,6 +87,17 @@ class CheckpointCallback(TrainerCallback):
         if trainer is not None:
             self.attach(trainer)
 
+    @property
+    def preempted(self) -> bool:
+        """Whether SIGTERM/SIGUSR1 stopped the last `train()` (after saving at the next step boundary)."""
+        return self.preemption.requested
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal number after a preemption stop: end the script with `sys.exit(callback.exit_code)`
+        so a scheduler sees an unfinished run (`train()` itself returns normally)."""
+        return self.preemption.exit_code
+
     # ------------------------------------------------------------------ attaching
 
     def attach(self, trainer: Any) -> None:

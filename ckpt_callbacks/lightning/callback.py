@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Mapping
@@ -126,6 +127,15 @@ class CheckpointCallbackLogic:
                 return _checkpoint_file(info)
             logger.warning("Not resuming from %s: %s", info.name, problems[0])
         return ""
+
+    @property
+    def exit_code(self) -> int:
+        """0, or 128 + the signal number after a preemption stop (`preempted`): end the script with
+        `sys.exit(callback.exit_code)` so a scheduler sees an unfinished run (`fit()` itself returns normally).
+        A rank that stopped because another rank was signalled reports SIGTERM."""
+        if not self.preempted:
+            return 0
+        return self._preemption.exit_code or 128 + signal.SIGTERM
 
     @property
     def last_model_path(self) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,6 +23,8 @@ from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.manifest import find_problems
 from ckpt_callbacks.core.tensor_files import read_safetensors
+
+from .conftest import KillDelays
 
 REPO = Path(__file__).resolve().parents[2]
 KILLS_PER_MODE = 25
@@ -98,19 +99,21 @@ def check_export(export_dir: Path) -> None:
 def test_kill_at_random_instants_never_leaves_a_broken_latest(
     fork_server: subprocess.Popen[str], tmp_path: Path, mode: str
 ) -> None:
-    rng = random.Random(1234 if mode == "sync" else 5678)
+    delays = KillDelays(1234 if mode == "sync" else 5678, 0.0, 0.6)
     started = time.monotonic()
     next_step = 1
     kills = 0
     kills_mid_write = 0
     while kills < KILLS_PER_MODE and time.monotonic() - started < TIME_BUDGET_SECONDS:
         pid = start_child(fork_server, tmp_path, mode, next_step)
-        time.sleep(rng.uniform(0.0, 0.6))
+        time.sleep(delays.next())
         os.kill(pid, signal.SIGKILL)
         wait_until_gone(pid)
         kills += 1
-        kills_mid_write += any(layout.is_leftover(name) for name in os.listdir(tmp_path))
-        next_step = check_consistent(tmp_path)
+        mid_write = any(layout.is_leftover(name) for name in os.listdir(tmp_path))
+        kills_mid_write += mid_write
+        step_before, next_step = next_step, check_consistent(tmp_path)
+        delays.after_kill(mid_write or next_step > step_before)
     assert kills >= 10, f"only {kills} kills fit in the time budget"
     assert kills_mid_write >= 3, "the kills did not interrupt any write: the test would prove nothing"
     # The next start cleans what the kills left behind (staging, trash and export staging folders).
