@@ -86,6 +86,7 @@ def reference(training_processes: TrainingProcesses, tmp_path_factory: pytest.Te
             train_seconds = time.monotonic() - started
             run.expect_exit(0)  # a finished run exits 0
             assert returned["final_step"] == SETTINGS[framework].max_steps and not returned["preempted"]
+            assert returned["exported"] == (framework != "plain"), "a finished run is exported"
             cache[framework] = Reference(torch.load(folder / "weights.pt", weights_only=True), train_seconds)
         return cache[framework]
 
