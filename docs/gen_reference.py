@@ -56,7 +56,8 @@ def flags_region() -> str:
               for f in fields]
     for f in fields:
         lines += ["", f"### `{f.name}`", "", _sentence(f.metadata["help"]), ""]
-        lines.append(f"Type `{f.type}`, default `{_default(f)}`.")
+        # The annotation as written: HfArgumentParser replaces `Field.type` with resolved types in place.
+        lines.append(f"Type `{CheckpointArguments.__annotations__[f.name]}`, default `{_default(f)}`.")
         if "choices" in f.metadata:
             lines[-1] += " One of " + ", ".join(f"`{c!r}`" for c in f.metadata["choices"]) + "."
         if f.name in TRAINER_FLAGS:
