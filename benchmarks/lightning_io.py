@@ -6,7 +6,7 @@ outside the timed region (`teardown()`). Overhead: a `Trainer.fit` of N = 3K
 steps saving every K steps (stock `ModelCheckpoint` with each stock
 `CheckpointIO`, or our `CheckpointCallback` + `CheckpointIOPlugin`) vs the same
 fit saving nothing, timed from the first batch to the end of step N, before
-the save at step N (as in scenario 2).
+the save at step N (as in scenario 2), training on one thread (as there).
 """
 
 from __future__ import annotations
@@ -129,6 +129,7 @@ class Window(Callback):
 
 
 def _overhead(size: str, repeats: int) -> dict[str, list[float]]:
+    torch.set_num_threads(1)
     every = EVERY[size] if repeats > 1 else 4
     steps = 3 * every
     seconds: dict[str, list[float]] = {name: [] for name in (NONE, TORCH, ASYNC, OURS)}

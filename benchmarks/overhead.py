@@ -8,6 +8,12 @@ for asynchronous saves, their background writes: K steps are long enough for
 the disk to keep up (the durable write time is reported beside). Overhead =
 median window with saves - median window without; the variants of one
 repeat run interleaved.
+
+Training runs on one thread (`torch.set_num_threads(1)`). On the shared
+2-core reference machine, two-thread training ran 2-3x slower whenever
+anything else ran (its OpenMP barriers spin), which swamped every difference
+measured here; one thread is repeatable, and it leaves a core for background
+work, as the host CPU of GPU training has.
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ class StepClock(TrainerCallback):
 
 
 def run(size: str, repeats: int, every: int | None = None) -> dict[str, Any]:
+    torch.set_num_threads(1)
     every = every or (EVERY[size] if repeats > 1 else 4)
     steps = 3 * every
     names = (HF_NONE, HF_STOCK, HF_OURS, HF_DEFERRED, LOOP_NONE, LOOP_ASYNC, LOOP_DEFERRED, LOOP_SYNC)

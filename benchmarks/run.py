@@ -44,14 +44,15 @@ def main() -> None:
     parser.add_argument("--only", default="", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     parser.add_argument("--sizes", default="", help=f"comma-separated model sizes: {', '.join(SIZES)}")
     parser.add_argument("--repeats", type=int, default=0, help="runs per figure (default: per scenario)")
-    parser.add_argument("--table", type=Path, help="print the table of an earlier results file and exit")
+    parser.add_argument("--table", type=Path, nargs="+", help="print the tables of earlier results files and exit")
     parser.add_argument("--markdown", action="store_true", help="print tables as Markdown")
     parser.add_argument("--scenario", help=argparse.SUPPRESS)  # internal: run one scenario in this process
     parser.add_argument("--size", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.table:
-        print_tables(json.loads(options.table.read_text())["results"], markdown=options.markdown)
+        for results_file in options.table:
+            print_tables(json.loads(results_file.read_text())["results"], markdown=options.markdown)
         return
     if options.scenario:
         run_in_process(options.scenario, options.size, options.repeats, options.out)

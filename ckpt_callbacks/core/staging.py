@@ -97,9 +97,13 @@ class StagingPlan:
 
 
 class HostStager:
-    def __init__(self, pin_memory: bool | None = None, *, skip_unchanged: bool = True) -> None:
+    # Default for new stagers: `HostStager.skip_unchanged = False` makes every save copy every tensor.
+    skip_unchanged = True
+
+    def __init__(self, pin_memory: bool | None = None, *, skip_unchanged: bool | None = None) -> None:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.skip_unchanged = skip_unchanged
+        if skip_unchanged is not None:
+            self.skip_unchanged = skip_unchanged
         self._buffers: dict[BufferKey, torch.Tensor] = {}
         self._marks: dict[BufferKey, _Mark] = {}
 

@@ -180,10 +180,10 @@ class _FlushAtExit:
                 signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> Any:
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
         logger.warning("Signal %d: finishing %d pending checkpoint write(s) before exiting.", signum,
                        sum(w.in_flight for w in list(self._writers)))
         self.flush_all()
-        signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
 
