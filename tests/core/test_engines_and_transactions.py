@@ -26,7 +26,7 @@ from .npy_engine import NpyEngine
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("engine", ["safetensors", "torch", "hf", "npy"])
+@pytest.mark.parametrize("engine", ["safetensors", "torch", "hf", "dcp", "npy"])
 @pytest.mark.parametrize("async_save", [False, True])
 def test_round_trip_of_model_optimizer_scheduler_and_python_state(tmp_path: Path, engine: str, async_save: bool) -> None:
     model, optimizer, scheduler = make_training_objects()
