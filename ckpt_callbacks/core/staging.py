@@ -35,8 +35,9 @@ from ckpt_callbacks.errors import CheckpointError
 
 BufferKey = tuple[str, ...]
 # Deferred staging still copies tensors this small at once: buffers such as BatchNorm statistics change
-# during the next forward pass, before the optimizer step the adapters wait at. Parameters and optimizer
-# moments of any real model are larger and are copied in the background.
+# during the next forward pass, before the optimizer step the adapters wait at, and small tensors cost little.
+# The bulk of the bytes (large weights, optimizer moments) is copied in the background; a larger buffer that
+# the forward pass updates is caught by the version check and reported, never silently saved half-updated.
 IMMEDIATE_COPY_BYTES = 256 * 1024
 _SAMPLED_POSITIONS = 16
 

@@ -114,7 +114,7 @@ class BackgroundWriter:
         """Wait for every pending job without raising; log failures (for exit paths with no caller to raise to)."""
         for future in list(self._pending):
             error = future.exception()
-            if error is not None:
+            if error is not None and error is not self._raised_early:
                 logger.error("A checkpoint write failed while the process was exiting: %s", error)
 
     def _raise_first_failure(self, block_until: int) -> None:
