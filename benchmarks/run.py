@@ -118,11 +118,11 @@ def print_tables(results: list[dict[str, Any]], *, markdown: bool = False) -> No
         if "error" in result:
             print(f"\n{result['scenario']} {result['size']}: {result['error']}")
             continue
-        size_note = f"{result['size']} GPT-2, {result['bytes'] / 1e9:.2f} GB checkpoint" if "bytes" in result else result["size"]
-        print(f"\n{result['title']} - {size_note}")
+        size_note = f"{result['size']} GPT-2, {result['bytes'] / 1e9:.2f} GB" if "bytes" in result else result["size"]
+        print(f"\n{'#### ' if markdown else ''}{result['title']} ({size_note}, {len(result['rows'][0]['runs'])} runs)\n")
         lines = [("", "median", "runs")] + [(r["name"], _fmt(r["median"], r["unit"]), " ".join(_fmt(v, r["unit"]) for v in r["runs"]))
                                            for r in result["rows"]]
-        _print_lines(lines, markdown)
+        _print_lines([line[:2] for line in lines] if markdown else lines, markdown)  # Markdown: medians only
         if result.get("ratios"):
             ratio_lines = [("ratio", "value", "target")] + [
                 (r["name"], f"{r['value']:.3f}", _target(r)) for r in result["ratios"]]
@@ -151,14 +151,14 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
-def _print_lines(lines: list[tuple[str, str, str]], markdown: bool) -> None:
+def _print_lines(lines: list[tuple[str, ...]], markdown: bool) -> None:
     if markdown:
         print("| " + " | ".join(lines[0]) + " |")
         print("|" + "---|" * len(lines[0]))
         for line in lines[1:]:
             print("| " + " | ".join(line) + " |")
         return
-    widths = [max(len(line[i]) for line in lines) for i in range(3)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
     for line in lines:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
 
