@@ -167,7 +167,10 @@ class _FlushAtExit:
             self._writers.discard(writer)
 
     def flush_all(self) -> None:
-        for writer in list(self._writers):
+        """Wait for every live writer's pending jobs, logging failures; each is flushed once."""
+        with self._lock:
+            writers, self._writers = list(self._writers), weakref.WeakSet()
+        for writer in writers:
             writer.flush_quietly()
 
     def _install_signal_handlers(self) -> None:
@@ -188,3 +191,8 @@ class _FlushAtExit:
 
 
 _flush_at_exit = _FlushAtExit()
+
+
+def flush_pending_writes() -> None:
+    """Finish every background write of this process (for exit paths that must run after them)."""
+    _flush_at_exit.flush_all()

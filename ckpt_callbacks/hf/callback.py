@@ -21,6 +21,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.best import BestTracker
+from ckpt_callbacks.core.collective import destroy_process_groups_at_exit
 from ckpt_callbacks.core.export import export_safetensors
 from ckpt_callbacks.core.manager import CheckpointManager, SaveStats
 from ckpt_callbacks.core.policy import SavePolicy
@@ -288,6 +289,8 @@ class CheckpointCallback(TrainerCallback):
         # trainer_state.json and the config files, which its own save_only_model would drop.
         manager_args = self.args.replace(output_dir=run_dir, save_only_model=False)
         self.manager = CheckpointManager(manager_args, engine=self.args.engine or DEFAULT_ENGINE)
+        if self.manager.collective.world_size > 1:
+            destroy_process_groups_at_exit()  # the Trainer never does; a gloo process exiting with one may abort
         return self.manager
 
     # ------------------------------------------------------------------ reporting
