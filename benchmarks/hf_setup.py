@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from benchmarks.common import TrainingState, tokens
-from ckpt_callbacks import CheckpointManager
 from ckpt_callbacks.hf import CheckpointCallback
 
 
@@ -49,21 +47,12 @@ def trainer_for(state: TrainingState, output_dir: Path, callbacks: Sequence[Trai
     return trainer
 
 
-class DeferredCheckpointCallback(CheckpointCallback):
-    """The HF callback with deferred staging wired in, as requested from the adapter (docs/performance.md):
-    each save returns before the host copy, which overlaps the next forward/backward, and the callback
-    waits for the copy just before the optimizer step. Here for measuring until the adapter has it."""
-
-    def _manager_for(self, run_dir: str) -> CheckpointManager:
-        manager = super()._manager_for(run_dir)
-        if not isinstance(manager.save, partial):
-            manager.save = partial(CheckpointManager.save, manager, defer_staging=True)  # type: ignore[method-assign]
-        return manager
-
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                              **kwargs: Any) -> None:
-        if self.manager is not None:
-            self.manager.wait_for_staging()
+def copying_callback(**flags: Any) -> CheckpointCallback:
+    """The HF callback copying the state before each save returns, instead of during the next forward and
+    backward pass (its default with async_save)."""
+    callback = CheckpointCallback(**flags)
+    callback.defer_staging = False
+    return callback
 
 
 def save_like_the_trainer(trainer: Trainer, step: int) -> None:

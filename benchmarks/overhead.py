@@ -6,8 +6,8 @@ strategy adds (so every run ends the same way and no run is charged for
 waiting on its last write). The window holds the saves of steps K and 2K and,
 for asynchronous saves, their background writes: K steps are long enough for
 the disk to keep up (the durable write time is reported beside). Overhead =
-median window with saves - median window without; the variants of one
-repeat run interleaved.
+window with saves - window without, per repeat (the variants of one repeat
+run back to back), median over repeats.
 
 Training runs on one thread (`torch.set_num_threads(1)`). On the shared
 2-core reference machine, two-thread training ran 2-3x slower whenever
@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from transformers import PrinterCallback, TrainerCallback
 
-from benchmarks.common import clear, gpt2, median, medians, ratio, row, scratch, sync_disk, tokens
-from benchmarks.hf_setup import DeferredCheckpointCallback, make_trainer
+from benchmarks.common import clear, gpt2, medians, ratio, row, scratch, sync_disk, tokens
+from benchmarks.hf_setup import make_trainer
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.hf import CheckpointCallback
 
@@ -34,12 +34,9 @@ EVERY = {"45M": 8, "124M": 8}
 
 HF_NONE = "HF Trainer, no saves"
 HF_STOCK = "HF Trainer, stock saves"
-HF_OURS = "HF Trainer + our callback (async)"
-HF_DEFERRED = "HF Trainer + our callback (async, deferred staging)"
+HF_OURS = "HF Trainer + our callback (async, default)"
 LOOP_NONE = "plain loop, no saves"
-LOOP_ASYNC = "plain loop + manager (async)"
 LOOP_DEFERRED = "plain loop + manager (async, deferred staging)"
-LOOP_SYNC = "plain loop + manager (sync)"
 
 
 class Window:
@@ -80,7 +77,7 @@ def run(size: str, repeats: int, every: int | None = None) -> dict[str, Any]:
     torch.set_num_threads(1)
     every = every or (EVERY[size] if repeats > 1 else 4)
     steps = 3 * every
-    names = (HF_NONE, HF_STOCK, HF_OURS, HF_DEFERRED, LOOP_NONE, LOOP_ASYNC, LOOP_DEFERRED, LOOP_SYNC)
+    names = (HF_NONE, HF_STOCK, HF_OURS, LOOP_NONE, LOOP_DEFERRED)
     wall: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[float]] = {name: [] for name in names}
     durable: list[float] = []
@@ -91,31 +88,32 @@ def run(size: str, repeats: int, every: int | None = None) -> dict[str, Any]:
                     window = _hf_run(size, root / "run", name, every, steps)
                 else:
                     window, write = _loop_run(size, root / "run", name, every, steps)
-                    if name == LOOP_ASYNC and write is not None:
+                    if write is not None:
                         durable.append(write)
                 wall[name].append(window.wall)
                 cpu[name].append(window.cpu)
                 clear(root)
-    rows = [row(name, values) for name, values in wall.items()]
-    m = medians(rows)
-    cpu_m = {name: median(values) for name, values in cpu.items()}
     baseline = {name: HF_NONE if name.startswith("HF") else LOOP_NONE for name in names}
     saving = [name for name in names if name not in (HF_NONE, LOOP_NONE)]
-    overheads = {name: m[name] - m[baseline[name]] for name in saving}
-    rows += [row(f"overhead: {name}", [seconds], note="median window - median window without saves")
-             for name, seconds in overheads.items()]
-    rows += [row(f"CPU overhead: {name}", [cpu_m[name] - cpu_m[baseline[name]]],
-                 note="process CPU seconds (all threads), median - median without saves") for name in saving]
+
+    def paired(times: dict[str, list[float]], name: str) -> list[float]:
+        return [a - b for a, b in zip(times[name], times[baseline[name]], strict=True)]
+
+    rows = [row(name, values) for name, values in wall.items()]
+    rows += [row(f"overhead: {name}", paired(wall, name), note="window - window without saves, same repeat")
+             for name in saving]
+    rows += [row(f"CPU overhead: {name}", paired(cpu, name),
+                 note="process CPU seconds (all threads), same repeat") for name in saving]
     rows.append(row("durable write of one async save (plain loop)", durable))
-    cpu_overheads = {name: cpu_m[name] - cpu_m[baseline[name]] for name in saving}
+    m = medians(rows)
     return {
         "scenario": "overhead", "title": f"(2) training wall time, {steps} steps, a save every {every}",
         "size": size, "rows": rows, "every": every, "steps": steps,
         "ratios": [
-            ratio("overhead: our callback / stock", overheads[HF_OURS], overheads[HF_STOCK], target=0.1),
-            ratio("overhead: our callback, deferred / stock", overheads[HF_DEFERRED], overheads[HF_STOCK], target=0.1),
-            ratio("overhead: plain async / stock HF", overheads[LOOP_ASYNC], overheads[HF_STOCK], target=0.1),
-            ratio("CPU overhead: our callback / stock", cpu_overheads[HF_OURS], cpu_overheads[HF_STOCK]),
+            ratio("overhead: our callback / stock", m[f"overhead: {HF_OURS}"], m[f"overhead: {HF_STOCK}"], target=0.1),
+            ratio("overhead: plain loop, deferred / stock HF", m[f"overhead: {LOOP_DEFERRED}"],
+                  m[f"overhead: {HF_STOCK}"], target=0.1),
+            ratio("CPU overhead: our callback / stock", m[f"CPU overhead: {HF_OURS}"], m[f"CPU overhead: {HF_STOCK}"]),
         ],
     }
 
@@ -125,8 +123,6 @@ def _hf_run(size: str, output_dir: Any, name: str, every: int, steps: int) -> Wi
     callbacks: list[TrainerCallback] = [clock]
     if name == HF_OURS:
         callbacks.append(CheckpointCallback(export_at_end=False))
-    elif name == HF_DEFERRED:
-        callbacks.append(DeferredCheckpointCallback(export_at_end=False))
     trainer = make_trainer(gpt2(size), output_dir, callbacks, samples=steps, length=SEQUENCE, max_steps=steps,
                            save_steps=None if name == HF_NONE else every)
     trainer.remove_callback(PrinterCallback)
@@ -141,7 +137,7 @@ def _loop_run(size: str, output_dir: Any, name: str, every: int, steps: int) -> 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler}
     manager = None if name == LOOP_NONE else CheckpointManager(
-        CheckpointArguments(output_dir=str(output_dir), async_save=name != LOOP_SYNC))
+        CheckpointArguments(output_dir=str(output_dir)))
     sync_disk()
     window = Window()
     window.start()
@@ -154,7 +150,7 @@ def _loop_run(size: str, output_dir: Any, name: str, every: int, steps: int) -> 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if manager is not None and step % every == 0 and step < steps:
-            manager.save(step, objects, defer_staging=name == LOOP_DEFERRED)
+            manager.save(step, objects, defer_staging=True)
     window.stop()
     if manager is None:
         return window, None

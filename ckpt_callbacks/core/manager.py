@@ -13,12 +13,12 @@ import builtins
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core import layout
@@ -32,7 +32,7 @@ from ckpt_callbacks.core.policy import SavePolicy
 from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
 from ckpt_callbacks.core.signals import PreemptionFlag
-from ckpt_callbacks.core.staging import HostStager, StagingPlan
+from ckpt_callbacks.core.staging import HostStager, StagingPlan, storage_address
 from ckpt_callbacks.core.store import CheckpointStore, LocalStore, write_error
 from ckpt_callbacks.core.writer import BackgroundWriter
 from ckpt_callbacks.core.written_files import WrittenFiles, recording
@@ -43,6 +43,9 @@ from ckpt_callbacks.errors import (
     CheckpointWriteError,
     InvalidOperationError,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("ckpt_callbacks")
 
@@ -91,6 +94,7 @@ class Transaction:
         self._pieces: dict[str, Any] = {}
         self.capture_rng = True
         self.defer_staging = False
+        self.copy_now: frozenset[int] = frozenset()  # storages copied at once even when staging is deferred
         self._open = True
         self._started = time.perf_counter()
 
@@ -224,10 +228,11 @@ class CheckpointManager:
         """Record an evaluation for best tracking; True when `save_strategy="best"` and it is a new best."""
         return self.policy.on_evaluate(metrics, step)
 
-    def begin(self, step: int, *, epoch: float | None = None, defer_staging: bool = False) -> Transaction:
+    def begin(self, step: int, *, epoch: float | None = None, defer_staging: bool = False,
+              copy_now: Iterable[torch.Tensor] = ()) -> Transaction:
         """Open the checkpoint of `step`; commit it with `commit()` or by leaving a `with` block cleanly.
 
-        `defer_staging`: see `save`."""
+        `defer_staging`, `copy_now`: see `save`."""
         if self._open_transaction is not None:
             raise InvalidOperationError(
                 f"begin({step}) while the checkpoint of step {self._open_transaction.step} is still open: "
@@ -243,6 +248,7 @@ class CheckpointManager:
         self._prepare_for_writing()
         self._open_transaction = Transaction(self, step, epoch)
         self._open_transaction.defer_staging = defer_staging
+        self._open_transaction.copy_now = frozenset(storage_address(t) for t in copy_now)
         return self._open_transaction
 
     def save(
@@ -255,6 +261,7 @@ class CheckpointManager:
         metadata: Mapping[str, Any] | None = None,
         capture_rng: bool = True,
         defer_staging: bool = False,
+        copy_now: Iterable[torch.Tensor] = (),
     ) -> None:
         """Checkpoint `state` at `step` in one call. When it returns, the checkpoint holds the state as it was
         at the call, so the caller may update the live objects right away, async or not.
@@ -264,8 +271,9 @@ class CheckpointManager:
         `defer_staging=True` (for adapters, which see the optimizer step coming) returns before the tensors
         are copied: the copy runs in the background, and the caller must call `wait_for_staging()` before it
         next modifies any saved tensor in place (before the optimizer step). Tensors under 256 KiB (such as
-        BatchNorm statistics, which the next forward pass updates) are still copied before returning."""
-        with self.begin(step, epoch=epoch, defer_staging=defer_staging) as tx:
+        BatchNorm statistics, which the next forward pass updates) are still copied before returning, and so
+        are the tensors in `copy_now` (pass a model's `buffers()`: the forward pass may update any of them)."""
+        with self.begin(step, epoch=epoch, defer_staging=defer_staging, copy_now=copy_now) as tx:
             tx.capture_rng = capture_rng
             tx.save_state(state)
             if metrics:
@@ -316,7 +324,7 @@ class CheckpointManager:
         tx = self._open_transaction
         if tx is None or not tx.defer_staging:
             return stager.stage(value, prefix=(relpath,))
-        plan = stager.plan(value, prefix=(relpath,), defer=True)
+        plan = stager.plan(value, prefix=(relpath,), defer=True, copy_now=tx.copy_now)
         self._deferred_plans.append(plan)  # copied in the background once the transaction commits
         return plan.staged
 

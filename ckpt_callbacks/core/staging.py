@@ -118,10 +118,12 @@ class HostStager:
         plan.run()
         return plan.staged
 
-    def plan(self, state: Any, prefix: BufferKey = (), *, defer: bool = False) -> StagingPlan:
+    def plan(self, state: Any, prefix: BufferKey = (), *, defer: bool = False,
+             copy_now: frozenset[int] = frozenset()) -> StagingPlan:
         """Fix the snapshot's structure and buffers now; the copies happen in `run()`.
 
-        With `defer`, tensors below `IMMEDIATE_COPY_BYTES` are copied here and now, the rest by `run()`."""
+        With `defer`, tensors below `IMMEDIATE_COPY_BYTES` and tensors whose storage address
+        (`storage_address`) is in `copy_now` are copied here and now, the rest by `run()`."""
         plan = StagingPlan(staged=None, stager=self)
         planned: dict[Any, torch.Tensor] = {}
 
@@ -129,7 +131,7 @@ class HostStager:
             if isinstance(value, torch.Tensor):
                 identity = view_key(value) or id(value)
                 if identity not in planned:
-                    planned[identity] = self._plan_tensor(plan, value, key, defer)
+                    planned[identity] = self._plan_tensor(plan, value, key, defer, copy_now)
                 return planned[identity]
             if isinstance(value, dict):
                 return _like(value, {k: visit(v, (*key, str(k))) for k, v in value.items()})
@@ -143,7 +145,8 @@ class HostStager:
         plan.staged = visit(state, prefix)
         return plan
 
-    def _plan_tensor(self, plan: StagingPlan, value: torch.Tensor, key: BufferKey, defer: bool) -> torch.Tensor:
+    def _plan_tensor(self, plan: StagingPlan, value: torch.Tensor, key: BufferKey, defer: bool,
+                     copy_now: frozenset[int]) -> torch.Tensor:
         buffer = self._buffer_for(key, value)
         nbytes = buffer.numel() * buffer.element_size()
         if self._holds_unchanged(key, value, buffer):
@@ -151,7 +154,7 @@ class HostStager:
             return buffer
         copy = _Copy(key, value.detach(), buffer, _version(value))
         plan.copied_bytes += nbytes
-        if defer and nbytes < IMMEDIATE_COPY_BYTES:
+        if defer and (nbytes < IMMEDIATE_COPY_BYTES or storage_address(value) in copy_now):
             if self._copy(copy):
                 torch.cuda.synchronize()
             self._remember(copy)
@@ -196,6 +199,14 @@ class HostStager:
             self._buffers[key] = buffer
             self._forget(key)
         return buffer
+
+
+def storage_address(tensor: torch.Tensor) -> int:
+    """The address of the memory behind `tensor` (0 for tensors without a plain storage): views share it."""
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
 def _version(tensor: torch.Tensor) -> int | None:

@@ -44,6 +44,8 @@ _TRACKED_BY_TRAINER = ("steps", "epoch", "best")  # strategies under which the T
 
 
 class CheckpointCallback(TrainerCallback):
+    defer_staging = True  # with async_save: the host copy overlaps the next forward/backward (docstring)
+
     """Exact, atomic, asynchronous checkpoints for a `transformers.Trainer`, in the stock layout.
 
     Example:
@@ -62,6 +64,11 @@ class CheckpointCallback(TrainerCallback):
         but the best, as it always does (retention during training is the core's).
       - DeepSpeed and FSDP are refused (sharded optimizer state); PEFT models are saved as full weights;
         the Ray Tune writer `_tune_save_checkpoint` is not covered.
+
+    With `async_save`, a save returns before even the host copy of the weights and optimizer state: the
+    copy overlaps the next forward and backward pass, and the callback waits for it in
+    `on_pre_optimizer_step`, before anything it saved can change. Set `CheckpointCallback.defer_staging =
+    False` (class or instance) to copy before the save returns instead.
 
     DDP (`torchrun`, `accelerate launch`): every rank writes its `rng_state_{rank}.pth`, rank 0 the other files;
     the commit is collective, retention and export run once. All ranks must see `output_dir` (a shared
@@ -206,6 +213,11 @@ class CheckpointCallback(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
 
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                              **kwargs: Any) -> None:
+        if self.manager is not None:
+            self.manager.wait_for_staging()  # the weights and optimizer state may change from here on
+
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.policy is not None and self._policy_decides:
             control.should_save = self.policy.on_epoch_end()
@@ -243,7 +255,11 @@ class CheckpointCallback(TrainerCallback):
         manager = self._manager_for(run_dir)
         step = state.global_step
         pieces = checkpoint_pieces(trainer, trial, best_checkpoint=self._best_checkpoint_dir(run_dir, step))
-        manager.save(step, pieces, metrics=self._metrics_at(step), epoch=state.epoch)
+        # Deferred only while training goes on: on_pre_optimizer_step then waits for the copy. The model's
+        # buffers are copied at once, since the next forward pass may update them (BatchNorm statistics).
+        defer = self.defer_staging and not trainer.control.should_training_stop
+        manager.save(step, pieces, metrics=self._metrics_at(step), epoch=state.epoch, defer_staging=defer,
+                     copy_now=unwrapped_model(trainer).buffers() if defer else ())
         if manager.last_save is not None:
             self._unreported_saves.append(manager.last_save)
         self._saved_steps.add(step)

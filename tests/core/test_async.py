@@ -216,6 +216,54 @@ def test_deferred_staging_reports_a_tensor_changed_before_its_copy(tmp_path: Pat
     assert [info.step for info in manager.list()] == [2]
 
 
+class RunningMean(torch.nn.Module):
+    """A linear layer with a 400 KiB buffer that every forward pass updates in place (above the size deferred
+    staging copies at once)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(320, 320)
+        self.register_buffer("mean_input", torch.zeros(320, 320))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.mean_input.mul_(0.9).add_(x.mean(0), alpha=0.1)
+        return self.linear(x)
+
+
+def test_deferred_staging_copies_the_tensors_named_copy_now_before_returning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = RunningMean()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        model(torch.randn(4, 320)).pow(2).mean().backward()
+        optimizer.step()
+    expected_model = copy.deepcopy(model.state_dict())
+    expected_optimizer = copy.deepcopy(optimizer)
+    copy_may_start = threading.Event()
+    real_run = StagingPlan.run
+
+    def held_run(plan: StagingPlan) -> None:  # the deferred copy starts only after the next forward pass
+        copy_may_start.wait(timeout=30)
+        real_run(plan)
+
+    monkeypatch.setattr(StagingPlan, "run", held_run)
+    with CheckpointManager(CheckpointArguments(output_dir=str(tmp_path))) as manager:
+        manager.save(2, {"model": model, "optimizer": optimizer}, defer_staging=True, copy_now=model.buffers())
+        model(torch.randn(4, 320)).pow(2).mean().backward()  # updates the large buffer in place
+        copy_may_start.set()
+        manager.wait_for_staging()  # no error: the buffer was copied before save() returned
+        optimizer.step()
+    assert not torch.equal(model.mean_input, expected_model["mean_input"])
+    restored = RunningMean()
+    restored_optimizer = torch.optim.AdamW(restored.parameters(), lr=1e-2)
+    CheckpointManager(CheckpointArguments(output_dir=str(tmp_path))).load(2, {"model": restored, "optimizer": restored_optimizer})
+    assert_same_tensors(restored.state_dict(), expected_model)
+    assert_same_optimizer_state(restored_optimizer, expected_optimizer)
+
+
 def test_frozen_tensors_are_not_copied_again() -> None:
     model, optimizer = frozen_net()
     stager = HostStager()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from ckpt_callbacks.core.staging import HostStager, StagingPlan
 from ckpt_callbacks.hf import CheckpointCallback
 from tests.conftest import assert_same_tensors
 from tests.hf.conftest import (
@@ -146,3 +148,56 @@ def test_plain_module_with_tied_weights_saves_and_resumes_exactly(tmp_path: Path
 
     assert_same_run(finished(resumed), expected)
     assert resumed.model.head.weight is resumed.model.embed.weight  # still tied after loading
+
+
+FORWARD_RAN = threading.Event()
+
+
+class RunningStatsLM(torch.nn.Module):
+    """A plain module with a 400 KiB buffer that every forward pass updates in place, as BatchNorm statistics
+    are: with deferred staging (the async default) the callback must copy it before the save returns."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(VOCAB, 320)
+        self.head = torch.nn.Linear(320, VOCAB)
+        self.register_buffer("feature_mean", torch.zeros(320, 320))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.embed(input_ids)
+        with torch.no_grad():
+            self.feature_mean.mul_(0.9).add_(features.mean((0, 1)), alpha=0.1)
+        FORWARD_RAN.set()
+        logits = self.head(features + self.feature_mean[0])
+        return {"loss": F.cross_entropy(logits.view(-1, VOCAB), labels.view(-1)), "logits": logits}
+
+
+def test_async_save_keeps_buffers_the_next_forward_updates_and_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real_plan, real_run = HostStager.plan, StagingPlan.run
+    deferred: list[StagingPlan] = []
+
+    def plan(stager: HostStager, *args: Any, **kwargs: Any) -> StagingPlan:
+        planned = real_plan(stager, *args, **kwargs)
+        if kwargs.get("defer"):
+            FORWARD_RAN.clear()  # in the save call, on the training thread
+            deferred.append(planned)
+        return planned
+
+    def copy_after_the_next_forward(planned: StagingPlan) -> None:
+        if any(p is planned for p in deferred):  # a deferred copy starts only once the next forward pass updated the buffer
+            assert FORWARD_RAN.wait(timeout=30)
+        real_run(planned)
+
+    monkeypatch.setattr(HostStager, "plan", plan)
+    monkeypatch.setattr(StagingPlan, "run", copy_after_the_next_forward)
+    reference = make_trainer(tmp_path / "reference", [CheckpointCallback(export_at_end=False)], model=RunningStatsLM(0))
+    reference.train()
+    expected = finished(reference)
+
+    resumed = interrupt_then_resume(tmp_path / "run", crash_at=7, model_factory=RunningStatsLM, export_at_end=False)
+
+    assert_same_run(finished(resumed), expected)
+    assert deferred  # the saves were deferred
