@@ -155,12 +155,12 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def dd_copy(files: list[Path], into: Path) -> float:
-    """Seconds `dd bs=64M conv=fsync` takes to write the same files (the same bytes) into `into`."""
+def dd_copy(files: list[Path], into: Path, *flags: str) -> float:
+    """Seconds `dd bs=64M conv=fsync [flags]` takes to write the same files (the same bytes) into `into`."""
     start = time.perf_counter()
     for index, source in enumerate(files):
-        subprocess.run(["dd", f"if={source}", f"of={into / f'dd-{index}'}", "bs=64M", "conv=fsync", "status=none"],
-                       check=True)
+        subprocess.run(["dd", f"if={source}", f"of={into / f'dd-{index}'}", "bs=64M", "conv=fsync", *flags,
+                        "status=none"], check=True)
     return time.perf_counter() - start
 
 

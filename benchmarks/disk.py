@@ -4,9 +4,12 @@ Our saves are timed from the call until the checkpoint is committed (files and
 folders fsynced, manifest written, folder renamed). dd then writes the same
 files (the same bytes, read back from the page cache, as our writer reads its
 staged copy from memory) with `bs=64M conv=fsync`, one file after the other,
-as the writer does. The stock Trainer does not fsync; it is shown with an
-fsync of its files added, for reference. Variants alternate within a repeat
-and the disk is synced before each.
+as the writer does, both through the page cache (dd's default, the target's
+reference) and with `oflag=direct` (what our writer does by default,
+`direct_io`). Our save through the page cache (`direct_io.ENABLED = False`) is
+shown too. The stock Trainer does not fsync; it is shown with an fsync of its
+files added, for reference. Variants alternate within a repeat and the disk is
+synced before each.
 """
 
 from __future__ import annotations
@@ -30,27 +33,29 @@ from benchmarks.common import (
 )
 from benchmarks.hf_setup import save_like_the_trainer, trainer_for
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core import tensor_files
+from ckpt_callbacks.core import direct_io
 from ckpt_callbacks.core.durable import fsync_tree
 from ckpt_callbacks.core.writer import BackgroundWriter
 
 DEFAULT_NICENESS = BackgroundWriter.niceness
 
 SYNC = "ours, sync save"
-ONE_THREAD = "ours, sync save, 1 write thread per file"
+BUFFERED = "ours, sync save through the page cache"
 ASYNC = "ours, async save, call to durable"
 ASYNC_NICE0 = "ours, async save, writer at niceness 0, call to durable"
 DD = "dd bs=64M conv=fsync, same files"
+DD_DIRECT = "dd bs=64M conv=fsync oflag=direct, same files"
 STOCK = "stock Trainer save + fsync of its files"
 
 
 def run(size: str, repeats: int) -> dict[str, Any]:
     state = training_state(size)
-    seconds: dict[str, list[float]] = {SYNC: [], ONE_THREAD: [], ASYNC: [], ASYNC_NICE0: [], DD: [], STOCK: []}
-    nbytes = {SYNC: 0, ONE_THREAD: 0, ASYNC: 0, ASYNC_NICE0: 0, DD: 0, STOCK: 0}
+    names = (SYNC, BUFFERED, ASYNC, ASYNC_NICE0, DD, DD_DIRECT, STOCK)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    nbytes = dict.fromkeys(names, 0)
     with scratch("disk") as root:
         ours = {mode: CheckpointManager(CheckpointArguments(output_dir=str(root / mode), async_save=mode == "async"))
-                for mode in ("sync", "one-thread", "async")}
+                for mode in ("sync", "buffered", "async")}
         BackgroundWriter.niceness = 0  # the writer thread of this manager starts at its first save
         ours["async-nice0"] = CheckpointManager(CheckpointArguments(output_dir=str(root / "async-nice0")))
         ours["async-nice0"].save(0, {"warm-up": 0})
@@ -66,16 +71,19 @@ def run(size: str, repeats: int) -> dict[str, Any]:
             sync_disk()
             measured[SYNC] = timed(partial(ours["sync"].save, step, state.objects))
             files = _files(root / "sync")
-            nbytes[SYNC] = nbytes[DD] = sum(f.stat().st_size for f in files)
+            nbytes[SYNC] = nbytes[DD] = nbytes[DD_DIRECT] = sum(f.stat().st_size for f in files)
             sync_disk()
             measured[DD] = dd_copy(files, copies)
             clear(copies)
+            sync_disk()
+            measured[DD_DIRECT] = dd_copy(files, copies, "oflag=direct")
+            clear(copies)
             state.touch()
             sync_disk()
-            default_threads, tensor_files.WRITE_THREADS = tensor_files.WRITE_THREADS, 1
-            measured[ONE_THREAD] = timed(partial(ours["one-thread"].save, step, state.objects))
-            tensor_files.WRITE_THREADS = default_threads
-            nbytes[ONE_THREAD] = nbytes[SYNC]
+            direct_io.ENABLED = False
+            measured[BUFFERED] = timed(partial(ours["buffered"].save, step, state.objects))
+            direct_io.ENABLED = True
+            nbytes[BUFFERED] = nbytes[SYNC]
             state.touch()
             sync_disk()
             measured[ASYNC] = timed(partial(_save_durably, ours["async"], step, state.objects))
@@ -87,7 +95,7 @@ def run(size: str, repeats: int) -> dict[str, Any]:
             sync_disk()
             measured[STOCK] = timed(partial(_stock_save_durably, stock, step, root / "stock"))
             nbytes[STOCK] = sum(f.stat().st_size for f in _files(root / "stock"))
-            for folder in (root / "sync", root / "one-thread", root / "async", root / "async-nice0", root / "stock"):
+            for folder in (root / "sync", root / "buffered", root / "async", root / "async-nice0", root / "stock"):
                 clear(folder)
             if repeat:
                 for name, value in measured.items():
@@ -103,8 +111,10 @@ def run(size: str, repeats: int) -> dict[str, Any]:
         "ratios": [
             ratio("ours sync / dd throughput", m[f"{SYNC}: throughput"], m[f"{DD}: throughput"], target=0.9,
                   higher_is_better=True),
-            ratio("ours, 1 write thread / dd throughput", m[f"{ONE_THREAD}: throughput"], m[f"{DD}: throughput"],
+            ratio("ours sync / dd oflag=direct throughput", m[f"{SYNC}: throughput"], m[f"{DD_DIRECT}: throughput"],
                   target=0.9, higher_is_better=True),
+            ratio("ours through the page cache / dd throughput", m[f"{BUFFERED}: throughput"],
+                  m[f"{DD}: throughput"], higher_is_better=True),
             ratio("ours async, writer at niceness 0 (call to durable) / dd throughput",
                   m[f"{ASYNC_NICE0}: throughput"], m[f"{DD}: throughput"], target=0.9, higher_is_better=True),
             ratio("ours async (call to durable) / dd throughput", m[f"{ASYNC}: throughput"], m[f"{DD}: throughput"],

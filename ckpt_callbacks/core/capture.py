@@ -38,7 +38,7 @@ def restore_into(name: str, target: Any, state: Any) -> Any:
     if not isinstance(target, Stateful):
         return state
     try:
-        if _is_module(target):
+        if is_module(target):
             _load_module_state(target, state)
         else:
             target.load_state_dict(state)
@@ -51,7 +51,7 @@ def restore_into(name: str, target: Any, state: Any) -> Any:
     return state
 
 
-def _is_module(target: Any) -> bool:
+def is_module(target: Any) -> bool:
     return callable(getattr(target, "named_parameters", None))
 
 

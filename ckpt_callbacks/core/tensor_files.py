@@ -34,9 +34,10 @@ for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
     if hasattr(torch, _name):
         _DTYPE_CODES[getattr(torch, _name)] = _code
 _ALIGNMENT = 8
-# Threads writing one safetensors file (`written_files.write_buffers`). Copying into the page cache is what limits
-# a write here: on the project machine (2 cores) a durable sync save of 1.49 GB ran at 2.08 GB/s with two threads,
-# 1.29 GB/s with one, and `dd conv=fsync` of the same files at 1.74 GB/s (medians of three, benchmarks/disk.py).
+# Threads writing one safetensors file when it goes through the page cache (`direct_io.ENABLED = False`), where
+# copying into the page cache limits a write: on the project machine (2 cores) a durable sync save of 1.49 GB ran
+# at 2.08 GB/s with two threads, 1.29 GB/s with one (medians of three, benchmarks/disk.py). O_DIRECT writes (the
+# default) need no page cache and use one thread.
 WRITE_THREADS = 2
 
 
@@ -45,7 +46,7 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     """Write `tensors` to `path` in the safetensors format, streaming each tensor's bytes.
 
     The file is written by `written_files.write_buffers`: few system calls for all tensors, and when the
-    core records a checkpoint, a checksum hashed from the page cache instead of read back from disk.
+    core records a checkpoint, a checksum hashed on the way out instead of read back from disk.
 
     Example:
         >>> write_safetensors(Path("model.safetensors"), {"w": torch.zeros(2, 2)}, {"format": "pt"})
@@ -88,8 +89,10 @@ def _byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(cpu.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
 
 
-def read_safetensors(path: Path, map_location: Any = None) -> dict[str, torch.Tensor]:
-    """All tensors of a safetensors file; `CheckpointCorruptError` naming the file if it is not one."""
+def read_safetensors(path: Path, map_location: Any = None, *, copy: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; `CheckpointCorruptError` naming the file if it is not one.
+
+    `copy=False` returns views of a copy-on-write map of the file, for callers that copy them at once."""
     device = _device_string(map_location)
     try:
         tensors = load_file(str(path), device=device)
@@ -98,7 +101,7 @@ def read_safetensors(path: Path, map_location: Any = None) -> dict[str, torch.Te
             f"{path}: not a readable safetensors file ({exc}). Re-save, or resume from an earlier checkpoint.",
             path=str(path), reason="unreadable",
         ) from None
-    if device != "cpu":
+    if device != "cpu" or not copy:
         return tensors
     # On CPU, load_file returns views of a copy-on-write map of the file. Tensors adopted as they are (optimizer
     # state) then fault page by page on their first in-place update: on the project machine the first optimizer

@@ -1,10 +1,11 @@
 """Checksums computed while files are written, so sealing a checkpoint never reads it back.
 
 The core opens a `WrittenFiles` ledger around an engine's writes (`recording`).
-Files written through `open_for_writing` feed each byte to xxh3-128 on its way
-to the file; files written by `write_buffers` (the safetensors writer) are
-hashed right after, from the page cache through a memory map. Both record size
-and digest. `manifest.describe_files` then takes the recorded checksum of every file
+Files written through `open_for_writing` and `write_buffers` (the safetensors
+writer) feed each byte to xxh3-128 on its way to the file, written with
+`O_DIRECT` where the file system takes it (`direct_io`); both record size and
+digest. (With `direct_io.ENABLED = False`, `write_buffers` writes through the
+page cache, from several threads, and hashes the file from the page cache.) `manifest.describe_files` then takes the recorded checksum of every file
 still unchanged since (same size and mtime) and reads back only the others:
 files a user's engine or `torch.save` wrote their own way. The engine seam
 stays as it is; an engine gets the fast path by writing through
@@ -32,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-import xxhash
-
+from ckpt_callbacks.core import direct_io
+from ckpt_callbacks.core.direct_io import DirectFile
 from ckpt_callbacks.core.manifest import checksum_file
 
 # Linux transfers at most 0x7ffff000 bytes per write call: batches stay below that.
@@ -86,37 +87,6 @@ def recording(ledger: WrittenFiles) -> Iterator[WrittenFiles]:
         _ACTIVE.reset(token)
 
 
-class HashingFile:
-    """A binary file open for writing that hashes every byte it writes (xxh3-128, as the manifest uses)."""
-
-    def __init__(self, path: Path, *, hashing: bool = True) -> None:
-        self.path = path
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()/the context manager
-        self._digest = xxhash.xxh3_128() if hashing else None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data)
-        if self._digest is not None:
-            self._digest.update(view)
-        return self._file.write(view)
-
-    def flush(self) -> None:
-        self._file.flush()
-
-    def fileno(self) -> int:
-        return self._file.fileno()
-
-    def tell(self) -> int:
-        return self._file.tell()
-
-    def hexdigest(self) -> str:
-        assert self._digest is not None, "opened with hashing=False"
-        return self._digest.hexdigest()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 @contextmanager
 def open_for_writing(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
     """Open `path` for writing; when a ledger is recording, its checksum is recorded as the file closes.
@@ -128,14 +98,13 @@ def open_for_writing(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
         ...     f.write(b"bytes")
     """
     ledger = _ACTIVE.get()
-    handle = HashingFile(path, hashing=ledger is not None)
+    handle = DirectFile(path, hashing=ledger is not None)
     try:
         yield cast(BinaryIO, handle)  # a write-only binary file, which is what torch.save and the writers need
-        handle.flush()
-        if fsync:
-            os.fsync(handle.fileno())
-    finally:
-        handle.close()
+    except BaseException:
+        handle.abandon()
+        raise
+    handle.close(fsync=fsync)
     if ledger is not None:
         ledger.record(path, handle.hexdigest())
 
@@ -143,15 +112,22 @@ def open_for_writing(path: Path, *, fsync: bool = False) -> Iterator[BinaryIO]:
 
 def write_buffers(path: Path, buffers: Iterable[Any], *, fsync: bool = False, threads: int = 1) -> None:
     """Write `buffers` (bytes-like, in order) to a new file at `path` in as few system calls as possible;
-    when a ledger is recording, record the file's checksum, hashed from the page cache.
+    when a ledger is recording, record the file's checksum.
 
-    `threads > 1` writes that many contiguous parts of the file at once (positioned writes), for storage that
-    needs several requests in flight to reach its bandwidth (NVMe arrays, network file systems).
+    With `direct_io.ENABLED` (the default) the file is written by `direct_io.DirectFile` and hashed on the
+    way out. Otherwise through the page cache, hashed from it afterwards; there `threads > 1` writes that
+    many contiguous parts of the file at once (positioned writes), for storage that needs several requests
+    in flight to reach its bandwidth (NVMe arrays, network file systems).
 
     Example:
         >>> write_buffers(Path("piece.bin"), [b"header", memoryview(array)])
     """
     views = [memoryview(b).cast("B") for b in buffers]
+    if direct_io.ENABLED:
+        with open_for_writing(path, fsync=fsync) as f:  # O_DIRECT where possible, hashed on the way out
+            for view in views:
+                f.write(view)
+        return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0), 0o666)
     try:
         if threads > 1 and hasattr(os, "pwritev"):

@@ -32,7 +32,7 @@ class SafetensorsEngine(CheckpointEngine):
         write_safetensors(target.with_name(target.name + ".safetensors"), tensors, {"format": "pt"}, fsync=self.config.fsync)
         target.with_name(target.name + ".json").write_text(json.dumps({"structure": structure}))
 
-    def load(self, relpath: str, map_location: Any = None) -> Any:
+    def load(self, relpath: str, map_location: Any = None, *, copy: bool = True) -> Any:
         target = self.directory / relpath
         structure_path = target.with_name(target.name + ".json")
         try:
@@ -41,5 +41,13 @@ class SafetensorsEngine(CheckpointEngine):
             raise CheckpointCorruptError(
                 f"{structure_path}: unreadable structure file ({exc!r}).", path=str(structure_path), reason="unreadable"
             ) from None
-        tensors = read_safetensors(target.with_name(target.name + ".safetensors"), map_location)
+        tensors = read_safetensors(target.with_name(target.name + ".safetensors"), map_location, copy=copy)
         return decode_tree(structure, tensors, where=str(structure_path))
+
+    def load_into(self, relpath: str, target: Any, map_location: Any = None) -> Any:
+        """A module copies what it loads into its own parameters: it reads the file's map directly, which saves
+        allocating and filling a copy of its weights first (0.5 GB for a 124M GPT-2). Anything else (an
+        optimizer adopts the tensors it is given) gets tensors of its own."""
+        from ckpt_callbacks.core.capture import is_module, restore_into
+
+        return restore_into(relpath, target, self.load(relpath, map_location, copy=not is_module(target)))
