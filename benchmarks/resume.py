@@ -7,13 +7,18 @@ the load left unread). Stock: what `trainer.train(resume_from_checkpoint=...)`
 runs before training (`_load_from_checkpoint`, `_load_optimizer_and_scheduler`,
 `_load_rng_state`) on a checkpoint the stock Trainer wrote. Ours:
 `CheckpointManager.load` of the same state written by the plain manager
-(safetensors engine), verifying checksums (the default) or sizes only. The
-checkpoints were just written, so the page cache is warm for both.
+(safetensors engine), verifying checksums (the default) or sizes only.
+
+Warm: both checkpoints are read once before the runs, so both are in the page
+cache (ours is written with O_DIRECT and would otherwise not be). Cold: the
+files of both are dropped from the page cache (`posix_fadvise(DONTNEED)`)
+before each run, as for a resume in a new job.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,12 +34,15 @@ from ckpt_callbacks import CheckpointArguments, CheckpointManager
 STOCK = "stock"
 OURS = "ours, checksums verified (default)"
 OURS_SIZE = "ours, sizes verified"
+STOCK_COLD = "stock, cold page cache"
+OURS_COLD = "ours, checksums verified, cold page cache"
+NAMES = (STOCK, OURS, OURS_SIZE, STOCK_COLD, OURS_COLD)
 
 
 def run(size: str, repeats: int) -> dict[str, Any]:
     state = training_state(size)
-    load: dict[str, list[float]] = {name: [] for name in (STOCK, OURS, OURS_SIZE)}
-    step: dict[str, list[float]] = {name: [] for name in (STOCK, OURS, OURS_SIZE)}
+    load: dict[str, list[float]] = {name: [] for name in NAMES}
+    step: dict[str, list[float]] = {name: [] for name in NAMES}
     with scratch("resume") as root:
         save_like_the_trainer(trainer_for(state, root / "stock"), 1)
         with CheckpointManager(CheckpointArguments(output_dir=str(root / "ours"), async_save=False)) as manager:
@@ -43,7 +51,12 @@ def run(size: str, repeats: int) -> dict[str, Any]:
         del state
         sync_disk()
         for _ in range(repeats):
-            for name in (STOCK, OURS, OURS_SIZE):
+            for name in NAMES:
+                if name in (STOCK_COLD, OURS_COLD):
+                    _drop_from_page_cache(root / ("stock" if name == STOCK_COLD else "ours"))
+                else:
+                    _read_once(root / "stock")
+                    _read_once(root / "ours")
                 seconds = _child(name, size, root)
                 load[name].append(seconds["load"])
                 step[name].append(seconds["step"])
@@ -61,8 +74,30 @@ def run(size: str, repeats: int) -> dict[str, Any]:
                   target=0.5),
             ratio("ours (sizes) / stock, load + first step", m[f"{OURS_SIZE}: load + first step"],
                   m[f"{STOCK}: load + first step"], target=0.5),
+            ratio("cold: ours / stock, load + first step", m[f"{OURS_COLD}: load + first step"],
+                  m[f"{STOCK_COLD}: load + first step"]),
         ],
     }
+
+
+def _files(folder: Path) -> list[Path]:
+    return [path for path in folder.rglob("*") if path.is_file()]
+
+
+def _read_once(folder: Path) -> None:
+    for path in _files(folder):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def _drop_from_page_cache(folder: Path) -> None:
+    for path in _files(folder):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def _child(name: str, size: str, root: Path) -> dict[str, float]:
@@ -79,7 +114,7 @@ def _resume_here(name: str, size: str, root: Path) -> dict[str, float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
-    if name == STOCK:
+    if name in (STOCK, STOCK_COLD):
         from benchmarks.common import TrainingState
 
         trainer = trainer_for(TrainingState(size, model, optimizer, scheduler), root / "stock-resume")
@@ -90,7 +125,7 @@ def _resume_here(name: str, size: str, root: Path) -> dict[str, float]:
             trainer._load_optimizer_and_scheduler(checkpoint)
             trainer._load_rng_state(checkpoint)
     else:
-        verify = "checksum" if name == OURS else "size"
+        verify = "size" if name == OURS_SIZE else "checksum"
         manager = CheckpointManager(CheckpointArguments(output_dir=str(root / "ours"), verify_on_load=verify))
 
         def load() -> None:
