@@ -149,6 +149,8 @@ def _loop_run(size: str, output_dir: Any, name: str, every: int, steps: int) -> 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if manager is not None and step == 1:
+            manager.prepare_staging(objects)  # the optimizer state exists now: allocate the staging buffers
         if manager is not None and step % every == 0 and step < steps:
             manager.save(step, objects, defer_staging=True)
     window.stop()

@@ -242,6 +242,7 @@ class CheckpointManager:
         if step < 0:
             raise ValueError(f"step={step} must be >= 0.")
         # Surface an earlier background failure and wait for a free staging buffer before copying anything.
+        self._writer.wait_for_preparation()
         self._report_failures(self._writer.wait_for_staging)
         self._report_failures(lambda: self._writer._raise_first_failure(block_until=self.args.max_in_flight - 1))
         # On the caller's thread, so the cleanup cannot race with anything else that thread starts later.
@@ -280,6 +281,24 @@ class CheckpointManager:
                 tx.save_metrics(metrics)
             if metadata:
                 tx.metadata.update(metadata)
+
+    def prepare_staging(self, state: Mapping[str, Any], *, name: str | None = None) -> None:
+        """Allocate, in the background, the host buffers the next async save of `state` will copy into.
+
+        For callers that know what they will save before the first save (the adapters call it after the
+        first optimizer step, once the optimizer state exists): the first save then reuses memory that is
+        already in place instead of faulting in fresh pages while training waits. Training is not held up;
+        the next `save` waits for the allocation to finish. A no-op for synchronous saves."""
+        if not self._async:
+            return
+        pieces = {_piece_path(key, name): value for key, value in capture(state).items()}
+        stager = self._stagers[self._save_count % len(self._stagers)]
+
+        def reserve() -> None:
+            reserved = sum(stager.reserve(value, prefix=(relpath,)) for relpath, value in pieces.items())
+            logger.debug("Reserved %.2f GB of staging buffers.", reserved / 1e9)
+
+        self._writer.prepare_in_background(reserve)
 
     def wait_for_staging(self) -> None:
         """Block until the host copy of a `save(..., defer_staging=True)` is complete: from then on the live

@@ -145,6 +145,37 @@ class HostStager:
         plan.staged = visit(state, prefix)
         return plan
 
+    def reserve(self, state: Any, prefix: BufferKey = ()) -> int:
+        """Allocate and touch the buffers a snapshot of `state` will use, copying nothing; returns their bytes.
+
+        Fresh memory costs its page faults on first touch (on the project machine, a VM, 0.4-3.5 s for the
+        1.49 GB of a 124M GPT-2 with AdamW); a caller that reserves ahead, in the background, keeps that
+        cost out of the first save."""
+        reserved = 0
+        seen: set[Any] = set()
+
+        def visit(value: Any, key: BufferKey) -> None:
+            nonlocal reserved
+            if isinstance(value, torch.Tensor):
+                identity = view_key(value) or id(value)
+                if identity in seen:  # shared tensors are staged once, under their first key (as `plan` does)
+                    return
+                seen.add(identity)
+                fresh = key not in self._buffers
+                buffer = self._buffer_for(key, value)
+                if fresh and buffer.numel():
+                    buffer.view(-1)[:: max(1, 4096 // buffer.element_size())].zero_()  # one write per page
+                reserved += buffer.numel() * buffer.element_size()
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    visit(v, (*key, str(k)))
+            elif isinstance(value, (list, tuple)):
+                for i, v in enumerate(value):
+                    visit(v, (*key, str(i)))
+
+        visit(state, prefix)
+        return reserved
+
     def _plan_tensor(self, plan: StagingPlan, value: torch.Tensor, key: BufferKey, defer: bool,
                      copy_now: frozenset[int]) -> torch.Tensor:
         buffer = self._buffer_for(key, value)

@@ -61,6 +61,7 @@ class BackgroundWriter:
         self._stager: ThreadPoolExecutor | None = None
         self._pending: deque[Future[None]] = deque()
         self._staging: Future[None] | None = None
+        self._preparing: Future[None] | None = None
         self._raised_early: BaseException | None = None
 
     @property
@@ -84,6 +85,21 @@ class BackgroundWriter:
             self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-stager")
         self._staging = self._stager.submit(copy)
         return self._staging
+
+    def prepare_in_background(self, work: Callable[[], None]) -> None:
+        """Run `work` (e.g. allocating staging buffers) on the staging thread; only `wait_for_preparation`
+        waits for it, so the training step that follows is not held up."""
+        if self._stager is None:
+            self._stager = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-stager")
+        self._preparing = self._stager.submit(work)
+
+    def wait_for_preparation(self) -> None:
+        """Block until the last `prepare_in_background` work is done; a failure there is only logged (the
+        save that follows does the work itself)."""
+        preparing, self._preparing = self._preparing, None
+        error = preparing.exception() if preparing is not None else None
+        if error is not None:
+            logger.warning("Preparing staging buffers in the background failed (%r); the save allocates them.", error)
 
     def wait_for_staging(self) -> None:
         """Block until the last background staging copy is done; raise its error."""

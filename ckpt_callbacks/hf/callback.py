@@ -33,6 +33,7 @@ from ckpt_callbacks.hf.capture import (
     model_state_dict,
     pretrained_objects,
     processing_class_of,
+    training_objects,
     unwrapped_model,
 )
 from ckpt_callbacks.hf.resume import verified_resume_checkpoint
@@ -92,6 +93,7 @@ class CheckpointCallback(TrainerCallback):
         self._saved_steps: set[int] = set()
         self._unreported_saves: list[SaveStats] = []  # filled in by the writer when each save is durable
         self._warned_missing_metric = False
+        self._staging_prepared = False
         if trainer is not None:
             self.attach(trainer)
 
@@ -161,6 +163,7 @@ class CheckpointCallback(TrainerCallback):
         self.preemption = PreemptionFlag()
         if self.args.save_on_signal:
             self.preemption.install()
+        self._staging_prepared = False
 
     def _finish_run(self) -> None:
         """Flush pending writes and release the output folder; raises a background write error."""
@@ -197,6 +200,9 @@ class CheckpointCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.policy is None:
             return
+        if not self._staging_prepared:
+            self._staging_prepared = True
+            self._prepare_staging()
         if self._policy_decides:
             # Runs after DefaultFlowCallback, so this replaces the stock decision for this step.
             control.should_save = self.policy.on_step_end(state.global_step)
@@ -268,6 +274,18 @@ class CheckpointCallback(TrainerCallback):
         if trainer.control.should_training_stop:
             # The stock end of training reads and prunes checkpoint folders right after this.
             manager.wait()
+
+    def _prepare_staging(self) -> None:
+        """After the first optimizer step (the optimizer state exists now), let the manager allocate the host
+        buffers of the first async save in the background, so that save does not fault in fresh memory."""
+        assert self.args is not None
+        if self.manager is None or self.args.save_strategy == "no":
+            return
+        trainer = self.trainer
+        state = {"model": model_state_dict(unwrapped_model(trainer))}
+        if not trainer.args.save_only_model:
+            state.update(training_objects(trainer))
+        self.manager.prepare_staging(state)
 
     def _best_checkpoint_dir(self, run_dir: str, step: int) -> str | None:
         """`state.best_model_checkpoint` as the stock saver sets it: the best step's folder, once it exists."""

@@ -361,3 +361,50 @@ def test_safetensors_writer_resumes_short_writes(tmp_path: Path, monkeypatch: py
     write_safetensors(tmp_path / "short.safetensors", tensors, fsync=False)
     assert (tmp_path / "short.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
     assert_same_tensors(load_file(str(tmp_path / "short.safetensors")), tensors)
+
+
+def test_prepared_staging_buffers_are_the_ones_the_first_save_fills(tmp_path: Path) -> None:
+    model, optimizer = wide_net()
+    step(model, optimizer)  # the optimizer state exists from here on
+    state = {"model": model, "optimizer": optimizer}
+    manager = CheckpointManager(CheckpointArguments(output_dir=str(tmp_path / "prepared")))
+    manager.prepare_staging(state)
+    manager._writer.wait_for_preparation()
+    stager = manager._stagers[0]
+    buffers_before = {key: buffer.data_ptr() for key, buffer in stager._buffers.items()}
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state_bytes += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())
+    assert stager.staged_bytes == state_bytes
+    expected_model = copy.deepcopy(model.state_dict())
+    expected_optimizer = copy.deepcopy(optimizer)
+    manager.save(1, state)
+    step(model, optimizer)  # changes everything right after the save returned
+    manager.close()
+    assert {key: buffer.data_ptr() for key, buffer in stager._buffers.items()} == buffers_before  # none reallocated
+    restored, restored_optimizer = wide_net()
+    CheckpointManager(CheckpointArguments(output_dir=str(tmp_path / "prepared"))).load(
+        1, {"model": restored, "optimizer": restored_optimizer})
+    assert_same_tensors(restored.state_dict(), expected_model)
+    assert_same_optimizer_state(restored_optimizer, expected_optimizer)
+
+
+def test_preparing_staging_does_not_hold_up_wait_for_staging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, optimizer = wide_net()
+    step(model, optimizer)
+    reserving = threading.Event()
+    release = threading.Event()
+    real_reserve = HostStager.reserve
+
+    def slow_reserve(stager: HostStager, *args: Any, **kwargs: Any) -> int:
+        reserving.set()
+        release.wait(timeout=30)
+        return real_reserve(stager, *args, **kwargs)
+
+    monkeypatch.setattr(HostStager, "reserve", slow_reserve)
+    with CheckpointManager(CheckpointArguments(output_dir=str(tmp_path))) as manager:
+        manager.prepare_staging({"model": model, "optimizer": optimizer})
+        assert reserving.wait(timeout=30)
+        manager.wait_for_staging()  # returns although the reservation is still running
+        release.set()
+        manager.save(1, {"model": model, "optimizer": optimizer})  # waits for it, then saves
+    assert [info.step for info in manager.list()] == [1]
