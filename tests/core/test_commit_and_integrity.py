@@ -198,3 +198,24 @@ def test_second_writer_on_the_same_folder_gets_a_clear_error(tmp_path: Path) -> 
     first.close()
     second.save(2, {})
     assert [info.step for info in second.list()] == [1, 2]
+
+
+@pytest.mark.parametrize("engine", ["safetensors", "torch"])
+def test_a_damaged_checkpoint_leaves_the_live_objects_untouched(tmp_path: Path, engine: str) -> None:
+    """The optimizer state is read ahead while the files are verified; nothing is restored before the verdict."""
+    saved = TinyNet()
+    saved_optimizer = torch.optim.AdamW(saved.parameters())
+    saved(torch.randn(2, 6)).sum().backward()
+    saved_optimizer.step()
+    manager = CheckpointManager(CheckpointArguments(output_dir=str(tmp_path), engine=engine, async_save=False))
+    manager.save(1, {"model": saved, "optimizer": saved_optimizer})
+    live = TinyNet()
+    live_optimizer = torch.optim.AdamW(live.parameters())
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    folder = tmp_path / "checkpoint-1"
+    damaged = max((p for p in folder.iterdir() if p.name != "manifest.json"), key=lambda p: p.stat().st_size)
+    corrupt(damaged, "bitflip")
+    with pytest.raises(CheckpointCorruptError, match=damaged.name):
+        manager.load(1, {"model": live, "optimizer": live_optimizer})
+    assert all(torch.equal(live.state_dict()[k], before[k]) for k in before)
+    assert not live_optimizer.state  # no state adopted from a checkpoint that failed verification

@@ -97,11 +97,22 @@ class CheckpointEngine(ABC):
 
         return restore_into(relpath, target, self.load(relpath, map_location))
 
+    def read_ahead(self, relpath: str, target: Any, map_location: Any = None) -> Any:
+        """What `load_into` would restore into `target`, read without touching `target`, or `NOT_READ` when
+        this engine reads only as it restores. The core reads ahead while it verifies checksums, then
+        restores with `capture.restore_into` once the checkpoint is known to be intact."""
+        if type(self).load_into is not CheckpointEngine.load_into:
+            return NOT_READ  # an engine with its own load_into may need the target to read
+        return self.load(relpath, map_location)
+
     def has(self, relpath: str) -> bool:
         """Whether the open checkpoint holds `relpath` (used for checkpoints without a manifest)."""
         stem = Path(relpath).name
         folder = (self.directory / relpath).parent
         return folder.is_dir() and any(p.name.split(".")[0] == stem for p in folder.iterdir())
+
+
+NOT_READ = object()  # `read_ahead`: nothing was read ahead, call `load_into`
 
 
 def _identity(cls: type) -> str:

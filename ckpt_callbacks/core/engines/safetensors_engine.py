@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt_callbacks.core.engines.base import CheckpointEngine, EngineConfig
+from ckpt_callbacks.core.engines.base import NOT_READ, CheckpointEngine, EngineConfig
 from ckpt_callbacks.core.engines.tree_codec import decode_tree, encode_tree
 from ckpt_callbacks.core.tensor_files import read_safetensors, write_safetensors
 from ckpt_callbacks.errors import CheckpointCorruptError
@@ -51,3 +51,10 @@ class SafetensorsEngine(CheckpointEngine):
         from ckpt_callbacks.core.capture import is_module, restore_into
 
         return restore_into(relpath, target, self.load(relpath, map_location, copy=not is_module(target)))
+
+    def read_ahead(self, relpath: str, target: Any, map_location: Any = None) -> Any:
+        from ckpt_callbacks.core.capture import is_module
+
+        if is_module(target):
+            return NOT_READ  # read from the file map as it is copied into the module
+        return self.load(relpath, map_location)
