@@ -226,15 +226,17 @@ class CheckpointCallbackLogic:
         self._flush_deferred_save(trainer)
         stop = self._preemption_requested(trainer)
         if stop or self._step_save_due(trainer, step):
-            if not stop and _validation_follows(trainer):
-                # Save after that validation: the checkpoint then records its metrics.
+            if _validation_follows(trainer):
+                # Save after that validation: the checkpoint then records its metrics, and (on an epoch's last
+                # batch) a resume does not replay a validation the stopped run never ran. A preemption save
+                # waits for it too: saved before it, the resume of a stop on an epoch's last batch was inexact.
                 self._deferred_save_step = step
             else:
                 self._save(trainer)
         if stop:
             self.preempted = True
             trainer.should_stop = True
-            logger.warning("Preemption signal received: saved checkpoint-%d, stopping.", step)
+            logger.warning("Preemption signal received: saving checkpoint-%d, stopping.", step)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or not _fitting(trainer) or self._policy is None:

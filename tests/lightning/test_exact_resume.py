@@ -6,6 +6,8 @@ StepLR; the resumed process seeds differently, so only the checkpoint can make i
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,3 +156,28 @@ def test_stock_model_checkpoint_with_torch_checkpoint_io_does_not_resume_exactly
     assert crashed.module.seen[:15] + resumed.module.seen != reference.module.seen  # ...the data is not
     assert not tensors_equal(expected["weights"], actual["weights"])
     assert not tensors_equal(expected["optimizer"], actual["optimizer"])
+
+
+@pytest.mark.parametrize("stop_at", [9, 10, 11], ids=["before_last_batch", "last_batch", "first_batch"])
+def test_preemption_around_an_epoch_end_resumes_exactly(ns: Namespace, tmp_path: Path, stop_at: int) -> None:
+    """SIGUSR1 during the step that ends epoch 0 (10 batches per epoch, validation at each epoch end): the
+    save waits for that validation, so the resumed run does not replay it with other random draws."""
+    scenario = Scenario({"save_steps": 100}, crash_at=-1, resumed_from=stop_at)
+
+    class Preempt(ns.pl.Callback):  # type: ignore[name-defined,misc]
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == stop_at:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    reference = fit_ours(ns, tmp_path / "reference", scenario, seed=0)
+    seed_everything(0)
+    module = ns.Tiny()
+    plugin, callback = ns.ours(tmp_path / "run", **scenario.args)
+    stopped = ns.trainer(tmp_path / "run", callbacks=[callback, Preempt()], plugins=[plugin])
+    stopped.fit(module, train_loader(), val_loader())
+    assert callback.preempted and stopped.global_step == stop_at
+    resumed = fit_ours(ns, tmp_path / "run", scenario, seed=12345, ckpt_path="last")
+    assert resumed.callback.manager.resumed_from_step == stop_at
+    expected, actual = training_state(reference.trainer), training_state(resumed.trainer)
+    for part in ("weights", "optimizer", "scheduler", "global_step"):
+        assert tensors_equal(expected[part], actual[part]), f"{part} differs from the uninterrupted run"
