@@ -76,11 +76,12 @@ class DirectFile:
         self._fd = self._open()
         self._digest = xxhash.xxh3_128() if hashing else None
         self._size = 0
+        # Every write goes through the bounce buffer, direct or not: small writes (torch.save's pickle
+        # records) are gathered into large ones either way.
         self._filled = 0  # bytes waiting in the bounce buffer
-        if self._direct:
-            self._bounce = _take_bounce_buffer()
-            self._view = memoryview(self._bounce)
-            self._base = _address(self._view)
+        self._bounce = _take_bounce_buffer()
+        self._view = memoryview(self._bounce)
+        self._base = _address(self._view)
 
     def _open(self) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
@@ -98,9 +99,6 @@ class DirectFile:
         if self._digest is not None:
             self._digest.update(view)
         self._size += len(view)
-        if not self._direct:
-            _write_fully(self._fd, view)
-            return len(view)
         source, position = _address(view) if len(view) else 0, 0
         while position < len(view):
             count = min(CHUNK_BYTES - self._filled, len(view) - position)
@@ -116,7 +114,7 @@ class DirectFile:
         try:
             _write_fully(self._fd, self._view[:length])
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if exc.errno != errno.EINVAL or not self._direct:
                 raise
             self._fall_back_to_buffered(length)
         self._filled = 0
@@ -152,7 +150,7 @@ class DirectFile:
                 self._view[self._filled:padded] = bytes(padded - self._filled)
                 self._write_bounce(padded)
                 os.ftruncate(self._fd, self._size)
-            elif self._filled:  # fell back to the page cache mid-file: the rest needs no padding
+            elif self._filled:  # through the page cache (from the start, or since a fallback): no padding
                 _write_fully(self._fd, self._view[:self._filled])
             if fsync:
                 os.fsync(self._fd)
@@ -166,9 +164,8 @@ class DirectFile:
 
     def _release(self) -> None:
         fd, self._fd = self._fd, -1
-        if hasattr(self, "_view"):
-            self._view.release()
-            _give_back_bounce_buffer(self._bounce)
+        self._view.release()
+        _give_back_bounce_buffer(self._bounce)
         os.close(fd)
 
     def __enter__(self) -> DirectFile:

@@ -143,3 +143,24 @@ def test_checkpoints_written_directly_and_through_the_page_cache_are_identical(
         CheckpointManager(CheckpointArguments(output_dir=str(folder))).load(1, {"model": restored})  # checksums verified
         assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values(), strict=True))
     assert files[True] == files[False]
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["direct", "buffered"])
+def test_small_writes_are_gathered_into_chunk_sized_system_calls(tmp_path: Path, small_chunks: int,
+                                                                 monkeypatch: pytest.MonkeyPatch, enabled: bool) -> None:
+    """torch.save writes its pickle in many small pieces: they reach the file in chunk-sized writes."""
+    monkeypatch.setattr(direct_io, "ENABLED", enabled)
+    real_write = os.write
+    calls: list[int] = []
+
+    def counted_write(fd: int, data: Any) -> int:
+        calls.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counted_write)
+    data = pieces([40_000])[0]
+    with DirectFile(tmp_path / "small.bin") as f:
+        for start in range(0, len(data), 10):
+            f.write(data[start:start + 10])
+    assert (tmp_path / "small.bin").read_bytes() == data
+    assert len(calls) <= -(-len(data) // small_chunks)  # 4000 writes of 10 bytes, at most 5 system calls
