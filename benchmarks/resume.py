@@ -5,14 +5,19 @@ model, an optimizer without state and a scheduler (untimed), then time the load
 and, separately, the first optimizer step after it (which pays for any state
 the load left unread). Stock: what `trainer.train(resume_from_checkpoint=...)`
 runs before training (`_load_from_checkpoint`, `_load_optimizer_and_scheduler`,
-`_load_rng_state`) on a checkpoint the stock Trainer wrote. Ours:
+`_load_rng_state`) on a checkpoint the stock Trainer wrote. Ours, plain:
 `CheckpointManager.load` of the same state written by the plain manager
-(safetensors engine), verifying checksums (the default) or sizes only.
+(safetensors engine), verifying checksums (the default) or sizes only. Ours, HF
+callback: the same three stock calls on a checkpoint the callback wrote (stock
+layout), after the callback's own step in `train()` (resolve the checkpoint and
+verify its checksums, reading the optimizer and scheduler files ahead meanwhile).
+In a real `train()` the Trainer's setup between that step and the optimizer load
+also overlaps the read; here nothing does, so the figure is conservative.
 
-Warm: both checkpoints are read once before the runs, so both are in the page
-cache (ours is written with O_DIRECT and would otherwise not be). Cold: the
-files of both are dropped from the page cache (`posix_fadvise(DONTNEED)`)
-before each run, as for a resume in a new job.
+Warm: every checkpoint is read once before the runs, so all are in the page
+cache (ours are written with O_DIRECT and would otherwise not be). Cold: the
+files are dropped from the page cache (`posix_fadvise(DONTNEED)`) before each
+run, as for a resume in a new job.
 """
 
 from __future__ import annotations
@@ -27,16 +32,32 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import ROOT, gpt2, medians, quiet, ratio, row, scratch, sync_disk, training_state
+from benchmarks.common import (
+    ROOT,
+    TrainingState,
+    gpt2,
+    medians,
+    quiet,
+    ratio,
+    row,
+    scratch,
+    sync_disk,
+    training_state,
+)
 from benchmarks.hf_setup import save_like_the_trainer, trainer_for
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
+from ckpt_callbacks.hf import CheckpointCallback
 
 STOCK = "stock"
 OURS = "ours, checksums verified (default)"
 OURS_SIZE = "ours, sizes verified"
+OURS_HF = "ours, HF callback (stock layout, checksums verified)"
 STOCK_COLD = "stock, cold page cache"
 OURS_COLD = "ours, checksums verified, cold page cache"
-NAMES = (STOCK, OURS, OURS_SIZE, STOCK_COLD, OURS_COLD)
+OURS_HF_COLD = "ours, HF callback, cold page cache"
+NAMES = (STOCK, OURS, OURS_SIZE, OURS_HF, STOCK_COLD, OURS_COLD, OURS_HF_COLD)
+FOLDERS = {STOCK: "stock", STOCK_COLD: "stock", OURS_HF: "hf", OURS_HF_COLD: "hf"}  # the others: "ours"
+COLD = (STOCK_COLD, OURS_COLD, OURS_HF_COLD)
 
 
 def run(size: str, repeats: int) -> dict[str, Any]:
@@ -47,16 +68,20 @@ def run(size: str, repeats: int) -> dict[str, Any]:
         save_like_the_trainer(trainer_for(state, root / "stock"), 1)
         with CheckpointManager(CheckpointArguments(output_dir=str(root / "ours"), async_save=False)) as manager:
             manager.save(1, state.objects)
+        callback = CheckpointCallback(async_save=False, export_at_end=False)
+        save_like_the_trainer(trainer_for(state, root / "hf", callbacks=[callback]), 1)
+        assert callback.manager is not None
+        callback.manager.close()
         nbytes = state.nbytes
         del state
         sync_disk()
         for _ in range(repeats):
             for name in NAMES:
-                if name in (STOCK_COLD, OURS_COLD):
-                    _drop_from_page_cache(root / ("stock" if name == STOCK_COLD else "ours"))
+                if name in COLD:
+                    _drop_from_page_cache(root / FOLDERS.get(name, "ours"))
                 else:
-                    _read_once(root / "stock")
-                    _read_once(root / "ours")
+                    for folder in ("stock", "ours", "hf"):
+                        _read_once(root / folder)
                 seconds = _child(name, size, root)
                 load[name].append(seconds["load"])
                 step[name].append(seconds["step"])
@@ -74,7 +99,12 @@ def run(size: str, repeats: int) -> dict[str, Any]:
                   target=0.5),
             ratio("ours (sizes) / stock, load + first step", m[f"{OURS_SIZE}: load + first step"],
                   m[f"{STOCK}: load + first step"], target=0.5),
+            ratio("ours (HF callback) / stock, load", m[f"{OURS_HF}: load"], m[f"{STOCK}: load"], target=0.5),
+            ratio("ours (HF callback) / stock, load + first step", m[f"{OURS_HF}: load + first step"],
+                  m[f"{STOCK}: load + first step"]),
             ratio("cold: ours / stock, load + first step", m[f"{OURS_COLD}: load + first step"],
+                  m[f"{STOCK_COLD}: load + first step"]),
+            ratio("cold: ours (HF callback) / stock, load + first step", m[f"{OURS_HF_COLD}: load + first step"],
                   m[f"{STOCK_COLD}: load + first step"]),
         ],
     }
@@ -115,12 +145,20 @@ def _resume_here(name: str, size: str, root: Path) -> dict[str, float]:
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     if name in (STOCK, STOCK_COLD):
-        from benchmarks.common import TrainingState
-
         trainer = trainer_for(TrainingState(size, model, optimizer, scheduler), root / "stock-resume")
         checkpoint = str(root / "stock" / "checkpoint-1")
 
         def load() -> None:
+            trainer._load_from_checkpoint(checkpoint)
+            trainer._load_optimizer_and_scheduler(checkpoint)
+            trainer._load_rng_state(checkpoint)
+    elif name in (OURS_HF, OURS_HF_COLD):
+        callback = CheckpointCallback(export_at_end=False)
+        trainer = trainer_for(TrainingState(size, model, optimizer, scheduler), root / "hf", callbacks=[callback])
+        requested = str(root / "hf" / "checkpoint-1")
+
+        def load() -> None:
+            checkpoint = callback._verified_resume(requested)  # what the callback's `train` wrapper runs first
             trainer._load_from_checkpoint(checkpoint)
             trainer._load_optimizer_and_scheduler(checkpoint)
             trainer._load_rng_state(checkpoint)

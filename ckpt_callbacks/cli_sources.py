@@ -28,9 +28,9 @@ import torch
 from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
 from ckpt_callbacks.core.engines.hf_engine import (
-    _TORCH_FILES,
     MODEL_FILE,
     MODEL_INDEX_FILE,
+    TORCH_FILES,
     TRAINER_STATE_FILE,
     HFEngine,
     rng_file_name,
@@ -244,7 +244,7 @@ class HFFolderCheckpoint(Checkpoint):
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def states(self) -> list[str]:
-        states = [piece for piece in ("model", *_TORCH_FILES, "trainer_state") if self._engine.has(piece)]
+        states = [piece for piece in ("model", *TORCH_FILES, "trainer_state") if self._engine.has(piece)]
         states += sorted("rng" + p.name.removeprefix("rng_state").removesuffix(".pth") for p in self.path.glob("rng_state*.pth"))
         if (self.path / "training_args.bin").is_file():
             states.append(TRAINING_ARGS_PIECE)
@@ -456,8 +456,8 @@ def hf_piece_files(folder: Path, piece: str) -> list[Path]:
         if index.is_file():
             return [index, *(folder / name for name in sorted(set(_weight_map(index).values())))]
         return [folder / LEGACY_MODEL_FILE]
-    if piece in _TORCH_FILES:
-        return [folder / _TORCH_FILES[piece]]
+    if piece in TORCH_FILES:
+        return [folder / TORCH_FILES[piece]]
     if piece.startswith("rng"):
         return [folder / rng_file_name(piece)]
     if piece == "trainer_state":

@@ -11,6 +11,7 @@ processes, rank 0 checks and every rank follows its verdict.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,12 @@ from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundErro
 logger = logging.getLogger("ckpt_callbacks.hf")
 
 
-def verified_resume_checkpoint(requested: Any, manager: CheckpointManager) -> Any:
+def verified_resume_checkpoint(requested: Any, manager: CheckpointManager,
+                               read_ahead: Callable[[str], None] | None = None) -> Any:
     """The `resume_from_checkpoint` value to hand the stock Trainer: `requested`, resolved and verified.
+
+    `read_ahead(path)` is called with the checkpoint as soon as it is known (before its verification ends, and
+    again with a fallback): it may start reading files in the background, but must not restore anything.
 
     `True` resolves as the stock Trainer does (`get_last_checkpoint` of the checkpoint folder). A folder
     without a manifest (written by the stock Trainer) is passed through unverified.
@@ -38,26 +43,30 @@ def verified_resume_checkpoint(requested: Any, manager: CheckpointManager) -> An
         return requested  # the same on every rank (all run the same script): nothing to agree on
     collective = manager.collective
     if collective.world_size == 1:
-        return _resolve_and_verify(requested, manager)
+        return _resolve_and_verify(requested, manager, read_ahead)
     verdict: tuple[Any, Exception | None] | None = None
     if collective.rank == 0:
         try:
-            verdict = (_resolve_and_verify(requested, manager), None)
+            verdict = (_resolve_and_verify(requested, manager, read_ahead), None)
         except Exception as exc:  # every rank must learn of it, or the others would wait for rank 0 forever
             verdict = (None, exc)
     resolved, error = collective.broadcast_object(verdict)
     if error is not None:
         raise error
+    if collective.rank != 0 and read_ahead is not None and isinstance(resolved, str):
+        read_ahead(resolved)
     return resolved
 
 
-def _resolve_and_verify(requested: Any, manager: CheckpointManager) -> Any:
+def _resolve_and_verify(requested: Any, manager: CheckpointManager, read_ahead: Callable[[str], None] | None) -> Any:
     root = manager.store.root
     if requested is True and "://" in root:
         return requested  # the stock Trainer resumes from local folders only; let it say so
     path = get_last_checkpoint(root) if requested is True else str(requested)
     if path is None:
         return requested  # the stock Trainer raises its own "No valid checkpoint found" error
+    if read_ahead is not None:
+        read_ahead(path)  # overlaps the checksums below; restored only after they pass
     problems = checkpoint_problems(path, manager.args.verify_on_load)
     if not problems:
         return path
@@ -65,6 +74,8 @@ def _resolve_and_verify(requested: Any, manager: CheckpointManager) -> Any:
         fallback = _newest_verified_before(path, manager)
         if fallback is not None:
             logger.warning("%s failed verification (%s); resuming from %s instead.", path, problems[0], fallback)
+            if read_ahead is not None:
+                read_ahead(fallback)
             return fallback
     raise problems[0]
 

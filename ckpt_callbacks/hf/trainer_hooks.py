@@ -1,25 +1,31 @@
-"""The two places where the adapter reaches into a `Trainer` instance, and finding that instance.
+"""The places where the adapter reaches into a `Trainer` instance, and finding that instance.
 
 Callback events receive the model, optimizer and scheduler but not the Trainer,
 and no event fires between the stock loop's save decision and its call to
 `Trainer._save_checkpoint`. So the adapter (1) finds the Trainer that fired an
 event, (2) shadows `_save_checkpoint` on that instance (an instance attribute
 wins over the class method; the Trainer's own flow still decides when to call
-it and still fires `on_save` after it), and (3) wraps `train` on the instance, to verify the checkpoint a
+it and still fires `on_save` after it), (3) wraps `train` on the instance, to verify the checkpoint a
 resume starts from before the stock loader reads it, and to flush pending
-background writes when training raises (`on_train_end` does not fire then).
+background writes when training raises (`on_train_end` does not fire then), and (4) shadows
+`_load_optimizer_and_scheduler`, to hand the stock resume optimizer and scheduler states read ahead
+(the Trainer still decides whether and when to load them).
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from transformers import Trainer
+from transformers.trainer_pt_utils import reissue_pt_warnings
+from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 SAVE_METHOD = "_save_checkpoint"
+LOAD_OPTIMIZER_METHOD = "_load_optimizer_and_scheduler"
 
 
 def find_trainer(callback: object) -> Any | None:
@@ -61,3 +67,36 @@ def wrap_train(trainer: Any, resolve_resume: Callable[[Any], Any], on_failure: C
             raise
 
     trainer.train = train_with_checked_resume
+
+
+def loads_optimizer_like_stock(trainer: Any) -> bool:
+    """Whether `trainer` loads a resume's optimizer and scheduler with one plain `torch.load` each to the CPU,
+    the only case whose states may be handed over read ahead. Not: a subclass with its own loader,
+    DeepSpeed/FSDP (sharded), TPU, SageMaker model parallel, or several GPUs (loaded straight to each device)."""
+    if getattr(type(trainer), LOAD_OPTIMIZER_METHOD, None) is not getattr(Trainer, LOAD_OPTIMIZER_METHOD):
+        return False
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        return False
+    if is_torch_xla_available() or is_sagemaker_mp_enabled():
+        return False
+    return trainer.args.world_size <= 1 or trainer.args.device.type == "cpu"
+
+
+def shadow_load_optimizer_and_scheduler(trainer: Any, read_ahead: Callable[[Any], dict[str, Any] | None]) -> None:
+    """Make the Trainer's `_load_optimizer_and_scheduler(checkpoint)` restore `read_ahead(checkpoint)`'s
+    "optimizer" and "scheduler" states when it has them, as the stock method restores what it loads;
+    when it returns None, the stock method runs unchanged."""
+    stock = getattr(trainer, LOAD_OPTIMIZER_METHOD)
+
+    @functools.wraps(stock)
+    def load_optimizer_and_scheduler(checkpoint: Any) -> None:
+        states = read_ahead(checkpoint)
+        if states is None:
+            return stock(checkpoint)
+        trainer.optimizer.load_state_dict(states["optimizer"])
+        with warnings.catch_warnings(record=True) as caught_warnings:  # as the stock method, for the same warnings
+            trainer.lr_scheduler.load_state_dict(states["scheduler"])
+        reissue_pt_warnings(caught_warnings)
+        return None
+
+    setattr(trainer, LOAD_OPTIMIZER_METHOD, load_optimizer_and_scheduler)

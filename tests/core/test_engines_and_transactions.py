@@ -7,6 +7,7 @@ import pickle
 import signal
 import subprocess
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,8 @@ from ckpt_callbacks import (
     CheckpointNotFoundError,
     InvalidOperationError,
 )
+from ckpt_callbacks.core.engines.torch_engine import load_weights_only
+from ckpt_callbacks.errors import CheckpointCorruptError
 
 from ..conftest import assert_same_optimizer_state, assert_same_tensors, make_training_objects, train_steps
 from .npy_engine import NpyEngine
@@ -79,6 +82,39 @@ def test_torch_engine_files_load_with_plain_torch_load(tmp_path: Path) -> None:
     assert torch.load(folder / "scheduler.pt", weights_only=True) == scheduler.state_dict()
     rng = torch.load(folder / "rng.pt", weights_only=True)
     assert set(rng) >= {"python", "numpy", "cpu"}
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_torch_files_load_into_memory_of_their_own_with_sharing_and_types_kept(tmp_path: Path, zip_format: bool) -> None:
+    base = torch.arange(12, dtype=torch.float32)
+    saved = {
+        "whole": base, "view": base[3:7], "step": torch.tensor(5.0),
+        "parameter": torch.nn.Parameter(torch.ones(4)),
+        "ordered": OrderedDict(weight=torch.full((2, 3), 2.0).t()), "pair": (1, [torch.zeros(2, dtype=torch.int64)]),
+    }
+    path = tmp_path / "state.pt"
+    torch.save(saved, path, _use_new_zipfile_serialization=zip_format)
+    loaded = load_weights_only(path, "cpu")
+    # The file may be read through a map, but no tensor may stay a copy-on-write view of it.
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    assert torch.equal(loaded["whole"], base) and torch.equal(loaded["view"], base[3:7])
+    assert torch.equal(loaded["step"], torch.tensor(5.0))
+    assert isinstance(loaded["parameter"], torch.nn.Parameter) and loaded["parameter"].requires_grad
+    assert type(loaded["ordered"]) is OrderedDict and loaded["ordered"]["weight"].stride() == (1, 3)
+    assert torch.equal(loaded["ordered"]["weight"], torch.full((3, 2), 2.0))
+    assert loaded["pair"][0] == 1 and torch.equal(loaded["pair"][1][0], torch.zeros(2, dtype=torch.int64))
+    loaded["whole"][4] = 100.0  # views of one storage in the file still share memory
+    assert loaded["view"][1].item() == 100.0
+    # each piece owns memory no other loaded piece shares
+    assert loaded["step"].untyped_storage().data_ptr() != loaded["whole"].untyped_storage().data_ptr()
+
+
+def test_torch_file_loads_fail_clearly_on_a_damaged_file(tmp_path: Path) -> None:
+    path = tmp_path / "optimizer.pt"
+    torch.save({"state": {0: {"exp_avg": torch.ones(1000)}}}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(CheckpointCorruptError, match="optimizer.pt: not a readable torch file"):
+        load_weights_only(path, "cpu")
 
 
 def test_custom_engine_gets_verification_and_retention_for_free(tmp_path: Path) -> None:

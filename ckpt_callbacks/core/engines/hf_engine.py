@@ -25,7 +25,7 @@ from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundErro
 MODEL_FILE = "model.safetensors"
 MODEL_INDEX_FILE = "model.safetensors.index.json"
 TRAINER_STATE_FILE = "trainer_state.json"
-_TORCH_FILES = {"optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "scaler": "scaler.pt"}
+TORCH_FILES = {"optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "scaler": "scaler.pt"}
 # Objects whose own save_pretrained writes config.json, generation_config.json, tokenizer files, ...
 PRETRAINED_PIECE = "pretrained"
 
@@ -43,8 +43,8 @@ class HFEngine(CheckpointEngine):
         directory = self.directory
         if relpath == "model":
             write_safetensors(directory / MODEL_FILE, unique_tensors(state), {"format": "pt"}, fsync=False)
-        elif relpath in _TORCH_FILES:
-            save_torch(state, directory / _TORCH_FILES[relpath])
+        elif relpath in TORCH_FILES:
+            save_torch(state, directory / TORCH_FILES[relpath])
         elif relpath == "rng" or relpath.startswith("rng_"):
             save_torch(_rng_to_stock(state, single_process=relpath == "rng"), directory / rng_file_name(relpath))
         elif relpath == "trainer_state":
@@ -64,8 +64,8 @@ class HFEngine(CheckpointEngine):
         directory = self.directory
         if relpath == "model":
             return load_model_weights(directory, map_location)
-        if relpath in _TORCH_FILES:
-            return load_weights_only(directory / _TORCH_FILES[relpath], map_location)
+        if relpath in TORCH_FILES:
+            return load_weights_only(directory / TORCH_FILES[relpath], map_location)
         if relpath == "rng" or relpath.startswith("rng_"):
             return _rng_from_stock(_load_stock_rng(directory / rng_file_name(relpath)))
         if relpath == "trainer_state":
@@ -79,8 +79,8 @@ class HFEngine(CheckpointEngine):
     def has(self, relpath: str) -> bool:
         if relpath == "model":
             return any((self.directory / name).is_file() for name in (MODEL_FILE, MODEL_INDEX_FILE, "pytorch_model.bin"))
-        if relpath in _TORCH_FILES:
-            return (self.directory / _TORCH_FILES[relpath]).is_file()
+        if relpath in TORCH_FILES:
+            return (self.directory / TORCH_FILES[relpath]).is_file()
         if relpath == "rng" or relpath.startswith("rng_"):
             return (self.directory / rng_file_name(relpath)).is_file()
         if relpath == "trainer_state":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn import Parameter
 
 from ckpt_callbacks.core.engines.base import CheckpointEngine
 from ckpt_callbacks.core.written_files import open_for_writing
@@ -45,8 +47,23 @@ def _os_error_in(exc: BaseException | None) -> OSError | None:
 
 
 def load_weights_only(path: Any, map_location: Any = None) -> Any:
-    """`torch.load(weights_only=True)` with errors that name the file and never run its code."""
+    """`torch.load(weights_only=True)` with errors that name the file and never run its code.
+
+    A file loaded to the CPU is mapped and its tensors copied out into fresh memory, which torch spreads over
+    the cores: for the 1 GB optimizer file of a 124M GPT-2, 0.24 s against 0.45 s for torch's own reader,
+    which allocates and fills each tensor on one thread (measured on the project machine, warm page cache).
+    The tensors end up in memory of their own, exactly as with a plain `torch.load`, and the map is released.
+    """
     try:
+        if _may_map(map_location) and isinstance(path, (str, os.PathLike)):
+            try:
+                mapped = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # Legacy (pre-zip) torch files cannot be mapped: torch reads them the old way.
+                return torch.load(path, map_location=map_location, weights_only=True)
+            return copy_out_of_map(mapped)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
@@ -60,6 +77,58 @@ def load_weights_only(path: Any, map_location: Any = None) -> Any:
             f"{path}: not a readable torch file ({exc}). Re-save, or resume from an earlier checkpoint.",
             path=str(path), reason="unreadable",
         ) from None
+
+
+def _may_map(map_location: Any) -> bool:
+    """Whether the tensors are loaded where mapping the file helps: the CPU, or (None) where each was saved,
+    then tensors saved on a GPU are copied there from the map, and only CPU tensors are copied out."""
+    if map_location is None:
+        return True
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location).type == "cpu"
+    return False  # a callable or a dict decides per tensor: torch's own reader applies it
+
+
+def copy_out_of_map(obj: Any, copies: dict[tuple[int, int], torch.UntypedStorage] | None = None) -> Any:
+    """`obj` with every CPU tensor moved out of a memory-mapped file into fresh memory of its own.
+
+    Why not keep the map: the tensors are copy-on-write views of the file, and an optimizer updating them in
+    place then takes a page fault per 4 KiB on its first step (1.9 s instead of 0.3 s for a 124M GPT-2's
+    AdamW state). Tensors that shared memory in the file (views of one storage) still share it.
+    """
+    copies = {} if copies is None else copies
+    if isinstance(obj, torch.Tensor):
+        return _tensor_copied_out(obj, copies)
+    if isinstance(obj, dict):
+        copied = {key: copy_out_of_map(value, copies) for key, value in obj.items()}
+        if type(obj) is dict:
+            return copied
+        result = type(obj)()  # OrderedDict and other dict subclasses the weights-only unpickler allows
+        result.update(copied)
+        return result
+    if isinstance(obj, list):
+        return [copy_out_of_map(value, copies) for value in obj]
+    if type(obj) is tuple:
+        return tuple(copy_out_of_map(value, copies) for value in obj)
+    return obj
+
+
+def _tensor_copied_out(tensor: torch.Tensor, copies: dict[tuple[int, int], torch.UntypedStorage]) -> torch.Tensor:
+    if tensor.device.type != "cpu" or tensor.layout != torch.strided or type(tensor) not in (torch.Tensor, Parameter):
+        return tensor
+    storage = tensor.untyped_storage()
+    key = (storage.data_ptr(), storage.nbytes())
+    copy = copies.get(key)
+    if copy is None:
+        # A uint8 tensor copy: torch splits a large copy across its threads (UntypedStorage.copy_ does not).
+        fresh = torch.empty(storage.nbytes(), dtype=torch.uint8)
+        fresh.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
+        copy = copies[key] = fresh.untyped_storage()
+    moved = torch.empty(0, dtype=tensor.dtype).set_(copy, tensor.storage_offset(), tensor.size(), tensor.stride())
+    if isinstance(tensor, Parameter):
+        return Parameter(moved, requires_grad=tensor.requires_grad)
+    moved.requires_grad_(tensor.requires_grad)
+    return moved
 
 
 class TorchEngine(CheckpointEngine):
