@@ -31,6 +31,7 @@ SCENARIOS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
     "overhead": ("benchmarks.overhead", 3, 1, ("45M", "124M")),
     "disk": ("benchmarks.disk", 5, 2, ("45M", "124M")),
     "resume": ("benchmarks.resume", 5, 2, ("45M", "124M")),
+    "resume_in_train": ("benchmarks.resume_in_train", 5, 2, ("45M", "124M")),
     "memory": ("benchmarks.memory", 10, 4, ("124M",)),
     "export": ("benchmarks.export", 5, 2, ("45M", "124M")),
     "lightning": ("benchmarks.lightning_io", 5, 2, ("45M", "124M")),

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.nn import Parameter
 
 from ckpt_callbacks.core.engines.base import CheckpointEngine
+from ckpt_callbacks.core.mapped_tensors import copy_out_of_map
 from ckpt_callbacks.core.written_files import open_for_writing
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
 
@@ -87,48 +87,6 @@ def _may_map(map_location: Any) -> bool:
     if isinstance(map_location, (str, torch.device)):
         return torch.device(map_location).type == "cpu"
     return False  # a callable or a dict decides per tensor: torch's own reader applies it
-
-
-def copy_out_of_map(obj: Any, copies: dict[tuple[int, int], torch.UntypedStorage] | None = None) -> Any:
-    """`obj` with every CPU tensor moved out of a memory-mapped file into fresh memory of its own.
-
-    Why not keep the map: the tensors are copy-on-write views of the file, and an optimizer updating them in
-    place then takes a page fault per 4 KiB on its first step (1.9 s instead of 0.3 s for a 124M GPT-2's
-    AdamW state). Tensors that shared memory in the file (views of one storage) still share it.
-    """
-    copies = {} if copies is None else copies
-    if isinstance(obj, torch.Tensor):
-        return _tensor_copied_out(obj, copies)
-    if isinstance(obj, dict):
-        copied = {key: copy_out_of_map(value, copies) for key, value in obj.items()}
-        if type(obj) is dict:
-            return copied
-        result = type(obj)()  # OrderedDict and other dict subclasses the weights-only unpickler allows
-        result.update(copied)
-        return result
-    if isinstance(obj, list):
-        return [copy_out_of_map(value, copies) for value in obj]
-    if type(obj) is tuple:
-        return tuple(copy_out_of_map(value, copies) for value in obj)
-    return obj
-
-
-def _tensor_copied_out(tensor: torch.Tensor, copies: dict[tuple[int, int], torch.UntypedStorage]) -> torch.Tensor:
-    if tensor.device.type != "cpu" or tensor.layout != torch.strided or type(tensor) not in (torch.Tensor, Parameter):
-        return tensor
-    storage = tensor.untyped_storage()
-    key = (storage.data_ptr(), storage.nbytes())
-    copy = copies.get(key)
-    if copy is None:
-        # A uint8 tensor copy: torch splits a large copy across its threads (UntypedStorage.copy_ does not).
-        fresh = torch.empty(storage.nbytes(), dtype=torch.uint8)
-        fresh.copy_(torch.empty(0, dtype=torch.uint8).set_(storage))
-        copy = copies[key] = fresh.untyped_storage()
-    moved = torch.empty(0, dtype=tensor.dtype).set_(copy, tensor.storage_offset(), tensor.size(), tensor.stride())
-    if isinstance(tensor, Parameter):
-        return Parameter(moved, requires_grad=tensor.requires_grad)
-    moved.requires_grad_(tensor.requires_grad)
-    return moved
 
 
 class TorchEngine(CheckpointEngine):
