@@ -57,8 +57,14 @@ class _CopyPlan:
         return obj
 
     def run(self) -> None:
-        if self.targets:
-            torch._foreach_copy_(self.targets, self.sources)  # torch splits each large copy across its threads
+        if not self.targets:
+            return
+        foreach_copy = getattr(torch, "_foreach_copy_", None)  # private; present in the pinned torch
+        if foreach_copy is not None:
+            foreach_copy(self.targets, self.sources)  # torch splits each large copy across its threads
+            return
+        for target, source in zip(self.targets, self.sources, strict=True):
+            target.copy_(source)
 
     def _tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type != "cpu" or tensor.layout != torch.strided or type(tensor) not in (torch.Tensor, Parameter):

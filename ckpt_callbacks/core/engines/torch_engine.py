@@ -57,13 +57,9 @@ def load_weights_only(path: Any, map_location: Any = None) -> Any:
     try:
         if _may_map(map_location) and isinstance(path, (str, os.PathLike)):
             try:
-                mapped = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                # Legacy (pre-zip) torch files cannot be mapped: torch reads them the old way.
-                return torch.load(path, map_location=map_location, weights_only=True)
-            return copy_out_of_map(mapped)
+                return copy_out_of_map(torch.load(path, map_location=map_location, weights_only=True, mmap=True))
+            except (RuntimeError, OSError, ValueError, EOFError):
+                pass  # legacy (pre-zip) files, file systems without mmap, damage: torch's own reader decides
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CheckpointError(
