@@ -8,10 +8,12 @@ affect them alike.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import statistics
 import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -215,3 +217,19 @@ def ratio(name: str, numerator: float, denominator: float, target: float | None 
 
 def medians(result_rows: list[dict[str, Any]]) -> dict[str, float]:
     return {r["name"]: r["median"] for r in result_rows}
+
+
+def read_into_page_cache(folder: Path) -> None:
+    """Read every file under `folder` once with large reads, as a warm-cache run expects to find them."""
+    for path in (p for p in folder.rglob("*") if p.is_file()):
+        with open(path, "rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
+def in_fresh_process(module: str, *args: str) -> Any:
+    """Run `python -m module *args` from the repository root and return the JSON its last output line holds."""
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT.parent, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

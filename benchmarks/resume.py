@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,12 +32,13 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
-    ROOT,
     TrainingState,
     gpt2,
+    in_fresh_process,
     medians,
     quiet,
     ratio,
+    read_into_page_cache,
     row,
     scratch,
     sync_disk,
@@ -81,8 +81,8 @@ def run(size: str, repeats: int) -> dict[str, Any]:
                     _drop_from_page_cache(root / FOLDERS.get(name, "ours"))
                 else:
                     for folder in ("stock", "ours", "hf"):
-                        _read_once(root / folder)
-                seconds = _child(name, size, root)
+                        read_into_page_cache(root / folder)
+                seconds = in_fresh_process("benchmarks.resume", name, size, str(root))
                 load[name].append(seconds["load"])
                 step[name].append(seconds["step"])
     rows = [row(f"{name}: load", values) for name, values in load.items()]
@@ -114,13 +114,6 @@ def _files(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file()]
 
 
-def _read_once(folder: Path) -> None:
-    for path in _files(folder):
-        with open(path, "rb") as f:
-            while f.read(64 << 20):
-                pass
-
-
 def _drop_from_page_cache(folder: Path) -> None:
     for path in _files(folder):
         fd = os.open(path, os.O_RDONLY)
@@ -128,12 +121,6 @@ def _drop_from_page_cache(folder: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def _child(name: str, size: str, root: Path) -> dict[str, float]:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.resume", name, size, str(root)], cwd=ROOT.parent,
-                          capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _resume_here(name: str, size: str, root: Path) -> dict[str, float]:

@@ -18,7 +18,6 @@ Every checkpoint is read once before each run (warm page cache).
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -26,9 +25,18 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from benchmarks.common import ROOT, gpt2, medians, quiet, ratio, row, scratch, sync_disk
+from benchmarks.common import (
+    gpt2,
+    in_fresh_process,
+    medians,
+    quiet,
+    ratio,
+    read_into_page_cache,
+    row,
+    scratch,
+    sync_disk,
+)
 from benchmarks.hf_setup import make_trainer
-from benchmarks.resume import _read_once
 from ckpt_callbacks.hf import CheckpointCallback
 
 STOCK = "stock Trainer"
@@ -56,8 +64,8 @@ def run(size: str, repeats: int) -> dict[str, Any]:
         sync_disk()
         for _ in range(repeats):
             for key in seconds:
-                _read_once(root / "stock")
-                _read_once(root / "ours")
+                read_into_page_cache(root / "stock")
+                read_into_page_cache(root / "ours")
                 seconds[key].append(_child(key[1], key[0], size, root))
     rows = [row(f"{who}: {how}", values) for (who, how), values in seconds.items()]
     for who in (STOCK, OURS):
@@ -74,11 +82,7 @@ def run(size: str, repeats: int) -> dict[str, Any]:
 
 
 def _child(how: str, who: str, size: str, root: Path) -> float:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.resume_in_train", how, who, size, str(root)],
-                          cwd=ROOT.parent, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{who} {how} failed:\n{done.stderr[-3000:]}")
-    return float(json.loads(done.stdout.strip().splitlines()[-1]))
+    return float(in_fresh_process("benchmarks.resume_in_train", how, who, size, str(root)))
 
 
 def _trainer(who: str, size: str, root: Path, **arguments: Any) -> tuple[Any, FirstStep]:

@@ -38,6 +38,11 @@ class SavePolicy:
             return max(1, math.ceil(self._max_steps * steps))
         return int(steps)
 
+    @property
+    def saves_during_training(self) -> bool:
+        """Whether any save can fall due during training: a strategy other than "no", or a time interval."""
+        return self.args.save_strategy != "no" or self.args.save_time_interval is not None
+
     def on_step_end(self, step: int) -> bool:
         """A save is due after optimizer step `step` (the `steps` strategy, the final step, or the time interval)."""
         if self.args.save_strategy == "steps":

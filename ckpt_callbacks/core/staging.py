@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,24 +126,7 @@ class HostStager:
         With `defer`, tensors below `IMMEDIATE_COPY_BYTES` and tensors whose storage address
         (`storage_address`) is in `copy_now` are copied here and now, the rest by `run()`."""
         plan = StagingPlan(staged=None, stager=self)
-        planned: dict[Any, torch.Tensor] = {}
-
-        def visit(value: Any, key: BufferKey) -> Any:
-            if isinstance(value, torch.Tensor):
-                identity = view_key(value) or id(value)
-                if identity not in planned:
-                    planned[identity] = self._plan_tensor(plan, value, key, defer, copy_now)
-                return planned[identity]
-            if isinstance(value, dict):
-                return _like(value, {k: visit(v, (*key, str(k))) for k, v in value.items()})
-            if isinstance(value, list):
-                return [visit(v, (*key, str(i))) for i, v in enumerate(value)]
-            if isinstance(value, tuple):
-                items = [visit(v, (*key, str(i))) for i, v in enumerate(value)]
-                return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # namedtuples stay named
-            return value  # ints, floats, strings, and objects the engine serializes as they are
-
-        plan.staged = visit(state, prefix)
+        plan.staged = _map_tensors(state, prefix, lambda value, key: self._plan_tensor(plan, value, key, defer, copy_now))
         return plan
 
     def reserve(self, state: Any, prefix: BufferKey = ()) -> int:
@@ -150,30 +134,19 @@ class HostStager:
 
         Fresh memory costs its page faults on first touch (on the project machine, a VM, 0.4-3.5 s for the
         1.49 GB of a 124M GPT-2 with AdamW); a caller that reserves ahead, in the background, keeps that
-        cost out of the first save."""
+        cost out of the first save. The buffers are those `plan` picks: same walk, same keys."""
         reserved = 0
-        seen: set[Any] = set()
 
-        def visit(value: Any, key: BufferKey) -> None:
+        def reserve_one(value: torch.Tensor, key: BufferKey) -> torch.Tensor:
             nonlocal reserved
-            if isinstance(value, torch.Tensor):
-                identity = view_key(value) or id(value)
-                if identity in seen:  # shared tensors are staged once, under their first key (as `plan` does)
-                    return
-                seen.add(identity)
-                fresh = key not in self._buffers
-                buffer = self._buffer_for(key, value)
-                if fresh and buffer.numel():
-                    buffer.view(-1)[:: max(1, 4096 // buffer.element_size())].zero_()  # one write per page
-                reserved += buffer.numel() * buffer.element_size()
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    visit(v, (*key, str(k)))
-            elif isinstance(value, (list, tuple)):
-                for i, v in enumerate(value):
-                    visit(v, (*key, str(i)))
+            fresh = key not in self._buffers
+            buffer = self._buffer_for(key, value)
+            if fresh and buffer.numel():
+                buffer.view(-1)[:: max(1, 4096 // buffer.element_size())].zero_()  # one write per page
+            reserved += buffer.numel() * buffer.element_size()
+            return buffer
 
-        visit(state, prefix)
+        _map_tensors(state, prefix, reserve_one)
         return reserved
 
     def _plan_tensor(self, plan: StagingPlan, value: torch.Tensor, key: BufferKey, defer: bool,
@@ -256,6 +229,30 @@ def _samples_equal(value: torch.Tensor, buffer: torch.Tensor) -> bool:
     positions = torch.linspace(0, count - 1, min(count, _SAMPLED_POSITIONS), dtype=torch.long)
     live = value.detach().reshape(-1)[positions.to(value.device)].cpu()
     return torch.equal(live, buffer.reshape(-1)[positions])
+
+
+def _map_tensors(state: Any, prefix: BufferKey, stage: Callable[[torch.Tensor, BufferKey], torch.Tensor]) -> Any:
+    """`state` rebuilt with `stage(tensor, key)` in place of each tensor; the key is the tensor's path in the
+    state. Shared tensors (the same view of the same memory, e.g. tied weights) are staged once, under their
+    first key, and stay shared in the result."""
+    staged: dict[Any, torch.Tensor] = {}
+
+    def visit(value: Any, key: BufferKey) -> Any:
+        if isinstance(value, torch.Tensor):
+            identity = view_key(value) or id(value)
+            if identity not in staged:
+                staged[identity] = stage(value, key)
+            return staged[identity]
+        if isinstance(value, dict):
+            return _like(value, {k: visit(v, (*key, str(k))) for k, v in value.items()})
+        if isinstance(value, list):
+            return [visit(v, (*key, str(i))) for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            items = [visit(v, (*key, str(i))) for i, v in enumerate(value)]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # namedtuples stay named
+        return value  # ints, floats, strings, and objects the engine serializes as they are
+
+    return visit(state, prefix)
 
 
 def _like(original: dict[Any, Any], items: dict[Any, Any]) -> dict[Any, Any]:

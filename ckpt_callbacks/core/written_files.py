@@ -5,7 +5,8 @@ Files written through `open_for_writing` and `write_buffers` (the safetensors
 writer) feed each byte to xxh3-128 on its way to the file, written with
 `O_DIRECT` where the file system takes it (`direct_io`); both record size and
 digest. (With `direct_io.ENABLED = False`, `write_buffers` writes through the
-page cache, from several threads, and hashes the file from the page cache.) `manifest.describe_files` then takes the recorded checksum of every file
+page cache, from several threads, and hashes the file from the page cache.)
+`manifest.describe_files` then takes the recorded checksum of every file
 still unchanged since (same size and mtime) and reads back only the others:
 files a user's engine or `torch.save` wrote their own way. The engine seam
 stays as it is; an engine gets the fast path by writing through

@@ -97,6 +97,7 @@ class CheckpointCallback(TrainerCallback):
         self._warned_missing_metric = False
         self._staging_prepared = False
         self._read_ahead = ReadAhead()
+        self._reads_ahead = False  # whether the Trainer's optimizer loader takes states read ahead (attach)
         if trainer is not None:
             self.attach(trainer)
 
@@ -125,7 +126,8 @@ class CheckpointCallback(TrainerCallback):
         self.trainer = trainer
         trainer_hooks.shadow_save_checkpoint(trainer, self._save_checkpoint)
         trainer_hooks.wrap_train(trainer, self._verified_resume, self._on_train_failure)
-        if trainer_hooks.loads_optimizer_like_stock(trainer):
+        self._reads_ahead = trainer_hooks.loads_optimizer_like_stock(trainer)
+        if self._reads_ahead:
             trainer_hooks.shadow_load_optimizer_and_scheduler(trainer, self._read_ahead.take)
 
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
@@ -154,7 +156,7 @@ class CheckpointCallback(TrainerCallback):
         Its optimizer and scheduler states are read on a background thread meanwhile (new tensors only), and
         handed to the stock loader when it asks: the read overlaps the checksums and the Trainer's setup.
         For a 124M GPT-2 the optimizer file alone took the stock loader 0.45 s (see `docs/performance.md`)."""
-        read_ahead = self._start_read_ahead if trainer_hooks.loads_optimizer_like_stock(self.trainer) else None
+        read_ahead = self._start_read_ahead if self._reads_ahead else None
         return verified_resume_checkpoint(requested, self._manager_for(self._run_dir(trial=None)), read_ahead)
 
     def _start_read_ahead(self, checkpoint: str) -> None:
@@ -292,8 +294,7 @@ class CheckpointCallback(TrainerCallback):
     def _prepare_staging(self) -> None:
         """After the first optimizer step (the optimizer state exists now), let the manager allocate the host
         buffers of the first async save in the background, so that save does not fault in fresh memory."""
-        assert self.args is not None
-        if self.manager is None or self.args.save_strategy == "no":
+        if self.manager is None or self.policy is None or not self.policy.saves_during_training:
             return
         trainer = self.trainer
         state = {"model": model_state_dict(unwrapped_model(trainer))}

@@ -65,3 +65,10 @@ def test_train_end_forces_a_save_unless_this_step_is_saved() -> None:
     assert policy.on_train_end(7)
     policy.record_save(7)
     assert not policy.on_train_end(7)
+
+
+def test_saves_during_training_is_false_only_when_no_strategy_and_no_time_interval_can_fire() -> None:
+    assert not SavePolicy(CheckpointArguments(save_strategy="no")).saves_during_training
+    assert SavePolicy(CheckpointArguments(save_strategy="no", save_time_interval=60)).saves_during_training
+    for strategy in ("steps", "epoch"):
+        assert SavePolicy(CheckpointArguments(save_strategy=strategy)).saves_during_training
