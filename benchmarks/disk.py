@@ -33,9 +33,9 @@ from benchmarks.common import (
 )
 from benchmarks.hf_setup import save_like_the_trainer, trainer_for
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core import direct_io
-from ckpt_callbacks.core.durable import fsync_tree
-from ckpt_callbacks.core.writer import BackgroundWriter
+from ckpt_callbacks.core.save.writer import BackgroundWriter
+from ckpt_callbacks.core.storage import direct_io
+from ckpt_callbacks.core.storage.durable import fsync_tree
 
 DEFAULT_NICENESS = BackgroundWriter.niceness
 

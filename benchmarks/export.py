@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import clear, gb, gpt2, medians, ratio, row, scratch, sync_disk, timed
-from ckpt_callbacks.core.durable import fsync_tree
 from ckpt_callbacks.core.export import export_safetensors
+from ckpt_callbacks.core.storage.durable import fsync_tree
 
 SHARD = "200MB"
 OURS = f"ours, export_safetensors(max_shard_size={SHARD!r})"

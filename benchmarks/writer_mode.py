@@ -22,8 +22,8 @@ import torch
 import torch.multiprocessing as mp
 
 from benchmarks.common import medians, ratio, row, scratch, training_state
-from ckpt_callbacks.core.tensor_files import write_safetensors
-from ckpt_callbacks.core.written_files import WrittenFiles, recording
+from ckpt_callbacks.core.format.safetensors_io import write_safetensors
+from ckpt_callbacks.core.storage.written_files import WrittenFiles, recording
 
 NONE = "no write"
 THREAD = "written by a thread"

@@ -1,7 +1,7 @@
 """ckpt_callbacks: exact, crash-safe, non-blocking checkpoints for transformers.Trainer, Lightning and plain PyTorch."""
 
 from ckpt_callbacks.config import CheckpointArguments
-from ckpt_callbacks.core.engines import CheckpointEngine, EngineConfig, registered_engines
+from ckpt_callbacks.core.format.engines import CheckpointEngine, EngineConfig, registered_engines
 from ckpt_callbacks.core.manager import CheckpointInfo, CheckpointManager, Transaction
 from ckpt_callbacks.errors import (
     CheckpointCorruptError,

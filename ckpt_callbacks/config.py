@@ -159,7 +159,7 @@ class CheckpointArguments:
         parse_size(self.max_shard_size)
         if self.engine is not None:
             # Imported here: the registry imports engines, which import this module's helpers.
-            from ckpt_callbacks.core.engines import get_engine_class
+            from ckpt_callbacks.core.format.engines import get_engine_class
 
             get_engine_class(self.engine)
 

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ckpt_callbacks import CheckpointArguments
-from ckpt_callbacks.cli import build_parser
-from ckpt_callbacks.core.manifest import Manifest
+from ckpt_callbacks.cli.commands import build_parser
+from ckpt_callbacks.core.format.manifest import Manifest
 from ckpt_callbacks.hf.arguments import TRAINER_FLAGS
 
 DOCS = Path(__file__).resolve().parent

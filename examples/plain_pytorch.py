@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core.data_position import DataPosition
+from ckpt_callbacks.core.state.data_position import DataPosition
 
 EPOCHS = 3
 

@@ -19,9 +19,9 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 
 from ckpt_callbacks.config import parse_size
-from ckpt_callbacks.core import layout
-from ckpt_callbacks.core.durable import fsync_dir, fsync_tree, remove_tree_quietly
-from ckpt_callbacks.core.tensor_files import unique_tensors, write_safetensors
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.safetensors_io import unique_tensors, write_safetensors
+from ckpt_callbacks.core.storage.durable import fsync_dir, fsync_tree, remove_tree_quietly
 
 INDEX_NAME = "model.safetensors.index.json"
 

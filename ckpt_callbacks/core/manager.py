@@ -22,22 +22,22 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ckpt_callbacks.config import CheckpointArguments
-from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.best import BestTracker, MetricRule
-from ckpt_callbacks.core.capture import RNG_STATE, capture, git_commit, library_versions, restore_into
-from ckpt_callbacks.core.collective import Collective, default_collective
-from ckpt_callbacks.core.durable import remove_tree_quietly, write_bytes_durably
-from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
-from ckpt_callbacks.core.engines.base import NOT_READ
-from ckpt_callbacks.core.manifest import Manifest, describe_files, find_problems, parse_manifest
-from ckpt_callbacks.core.policy import SavePolicy
-from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
-from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
-from ckpt_callbacks.core.signals import PreemptionFlag
-from ckpt_callbacks.core.staging import HostStager, StagingPlan, storage_address
-from ckpt_callbacks.core.store import CheckpointStore, LocalStore, write_error
-from ckpt_callbacks.core.writer import BackgroundWriter
-from ckpt_callbacks.core.written_files import WrittenFiles, recording
+from ckpt_callbacks.core.distributed.collective import Collective, default_collective
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.engines import CheckpointEngine, get_engine_class
+from ckpt_callbacks.core.format.engines.base import NOT_READ
+from ckpt_callbacks.core.format.manifest import Manifest, describe_files, find_problems, parse_manifest
+from ckpt_callbacks.core.preemption import PreemptionFlag
+from ckpt_callbacks.core.save.policy import SavePolicy
+from ckpt_callbacks.core.save.retention import RetentionCandidate, RetentionPolicy
+from ckpt_callbacks.core.save.staging import HostStager, StagingPlan, storage_address
+from ckpt_callbacks.core.save.writer import BackgroundWriter
+from ckpt_callbacks.core.state.capture import RNG_STATE, capture, git_commit, library_versions, restore_into
+from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
+from ckpt_callbacks.core.storage.durable import remove_tree_quietly, write_bytes_durably
+from ckpt_callbacks.core.storage.store import CheckpointStore, LocalStore, write_error
+from ckpt_callbacks.core.storage.written_files import WrittenFiles, recording
 from ckpt_callbacks.errors import (
     CheckpointCorruptError,
     CheckpointError,
@@ -673,7 +673,7 @@ def read_checkpoint_info(directory: Path) -> CheckpointInfo:
 def make_store(output_dir: str) -> CheckpointStore:
     """A `LocalStore` for paths, a remote store for fsspec URLs (`s3://`, `memory://`, ...)."""
     if "://" in output_dir and not output_dir.startswith("file://"):
-        from ckpt_callbacks.core.remote_store import FsspecStore
+        from ckpt_callbacks.core.storage.remote import FsspecStore
 
         return FsspecStore(output_dir)
     return LocalStore(output_dir.removeprefix("file://"))

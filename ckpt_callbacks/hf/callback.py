@@ -19,15 +19,15 @@ from typing import Any
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ckpt_callbacks.config import CheckpointArguments
-from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.best import BestTracker
-from ckpt_callbacks.core.collective import destroy_process_groups_at_exit
-from ckpt_callbacks.core.engines.hf_engine import HFEngine
+from ckpt_callbacks.core.distributed.collective import destroy_process_groups_at_exit
 from ckpt_callbacks.core.export import export_safetensors
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.engines.hf_engine import HFEngine
 from ckpt_callbacks.core.manager import CheckpointManager, SaveStats
-from ckpt_callbacks.core.policy import SavePolicy
-from ckpt_callbacks.core.read_ahead import ReadAhead
-from ckpt_callbacks.core.signals import PreemptionFlag
+from ckpt_callbacks.core.preemption import PreemptionFlag
+from ckpt_callbacks.core.read.read_ahead import ReadAhead
+from ckpt_callbacks.core.save.policy import SavePolicy
 from ckpt_callbacks.hf import trainer_hooks
 from ckpt_callbacks.hf.arguments import check_flag_names, enum_value, policy_decides, resolve_arguments
 from ckpt_callbacks.hf.capture import (

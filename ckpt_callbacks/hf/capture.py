@@ -19,7 +19,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.trainer_callback import ExportableState
 
-from ckpt_callbacks.core.tensor_files import view_key
+from ckpt_callbacks.core.format.safetensors_io import view_key
 
 try:  # transformers >= 5: the helpers save_pretrained itself uses
     from transformers.core_model_loading import revert_weight_conversion

@@ -17,9 +17,9 @@ from typing import Any
 
 from transformers.trainer_utils import get_last_checkpoint
 
-from ckpt_callbacks.core import layout
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.manifest import find_problems
 from ckpt_callbacks.core.manager import CheckpointManager, read_checkpoint_info
-from ckpt_callbacks.core.manifest import find_problems
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundError
 
 logger = logging.getLogger("ckpt_callbacks.hf")

@@ -39,12 +39,12 @@ import torch
 
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.export import export_safetensors
+from ckpt_callbacks.core.format.manifest import find_problems
 from ckpt_callbacks.core.manager import CheckpointInfo, CheckpointManager
-from ckpt_callbacks.core.manifest import find_problems
-from ckpt_callbacks.core.policy import SavePolicy
-from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
-from ckpt_callbacks.core.sampler_replay import SamplerResume
-from ckpt_callbacks.core.signals import PreemptionFlag
+from ckpt_callbacks.core.preemption import PreemptionFlag
+from ckpt_callbacks.core.save.policy import SavePolicy
+from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
+from ckpt_callbacks.core.state.sampler_replay import SamplerResume
 from ckpt_callbacks.lightning.plugin import (
     CHECKPOINT_FILE,
     ENGINE,

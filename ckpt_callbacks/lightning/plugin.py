@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_callbacks.config import CheckpointArguments
-from ckpt_callbacks.core import layout
-from ckpt_callbacks.core.collective import SingleProcess
+from ckpt_callbacks.core.distributed.collective import SingleProcess
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.single_file import SingleFileWriter, load_torch_file
 from ckpt_callbacks.core.manager import CheckpointManager
-from ckpt_callbacks.core.single_file import SingleFileWriter, load_torch_file
 from ckpt_callbacks.errors import CheckpointError
 
 logger = logging.getLogger("ckpt_callbacks")

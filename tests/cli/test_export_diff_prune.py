@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpt_callbacks.core.store import LocalStore
+from ckpt_callbacks.core.storage.store import LocalStore
 
 from .conftest import ManagerRuns, run_cli
 

@@ -22,12 +22,12 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_callbacks import CheckpointArguments, CheckpointError, CheckpointManager
-from ckpt_callbacks.core import manifest as manifest_module
-from ckpt_callbacks.core import tensor_files
-from ckpt_callbacks.core.engines.safetensors_engine import SafetensorsEngine
-from ckpt_callbacks.core.manifest import find_problems, parse_manifest
-from ckpt_callbacks.core.staging import HostStager, StagingPlan
-from ckpt_callbacks.core.tensor_files import write_safetensors
+from ckpt_callbacks.core.format import manifest as manifest_module
+from ckpt_callbacks.core.format import safetensors_io
+from ckpt_callbacks.core.format.engines.safetensors_engine import SafetensorsEngine
+from ckpt_callbacks.core.format.manifest import find_problems, parse_manifest
+from ckpt_callbacks.core.format.safetensors_io import write_safetensors
+from ckpt_callbacks.core.save.staging import HostStager, StagingPlan
 from ckpt_callbacks.errors import CheckpointWriteError
 
 from ..conftest import (
@@ -316,7 +316,7 @@ EXITING_TRAINER = """
 import os, signal, sys, time
 import torch
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core.engines.safetensors_engine import SafetensorsEngine
+from ckpt_callbacks.core.format.engines.safetensors_engine import SafetensorsEngine
 
 class SlowEngine(SafetensorsEngine):
     name = "slow_for_exit_test"
@@ -357,7 +357,7 @@ def test_safetensors_writer_resumes_short_writes(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(os, "writev", lambda fd, views: real_writev(fd, half_of_first(views)))
     monkeypatch.setattr(os, "pwritev", lambda fd, views, offset: real_pwritev(fd, half_of_first(views), offset))
-    monkeypatch.setattr(tensor_files, "WRITE_THREADS", threads)
+    monkeypatch.setattr(safetensors_io, "WRITE_THREADS", threads)
     write_safetensors(tmp_path / "short.safetensors", tensors, fsync=False)
     assert (tmp_path / "short.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
     assert_same_tensors(load_file(str(tmp_path / "short.safetensors")), tensors)

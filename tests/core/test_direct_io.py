@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core import direct_io
-from ckpt_callbacks.core.direct_io import DirectFile
-from ckpt_callbacks.core.manifest import checksum_file
-from ckpt_callbacks.core.written_files import WrittenFiles, recording, write_buffers
+from ckpt_callbacks.core.format.manifest import checksum_file
+from ckpt_callbacks.core.storage import direct_io
+from ckpt_callbacks.core.storage.direct_io import DirectFile
+from ckpt_callbacks.core.storage.written_files import WrittenFiles, recording, write_buffers
 
 REPO = Path(__file__).resolve().parents[2]
 

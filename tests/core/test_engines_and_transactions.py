@@ -20,7 +20,7 @@ from ckpt_callbacks import (
     CheckpointNotFoundError,
     InvalidOperationError,
 )
-from ckpt_callbacks.core.engines.torch_engine import load_weights_only
+from ckpt_callbacks.core.format.engines.torch_engine import load_weights_only
 from ckpt_callbacks.errors import CheckpointCorruptError
 
 from ..conftest import assert_same_optimizer_state, assert_same_tensors, make_training_objects, train_steps

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ckpt_callbacks import CheckpointArguments
 from ckpt_callbacks.core.best import BestTracker, MetricRule
-from ckpt_callbacks.core.policy import SavePolicy
+from ckpt_callbacks.core.save.policy import SavePolicy
 
 
 def steps_saved(policy: SavePolicy, total: int) -> list[int]:

@@ -8,7 +8,7 @@ import pytest
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.core.best import MetricRule
-from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
+from ckpt_callbacks.core.save.retention import RetentionCandidate, RetentionPolicy
 
 LOSSES = {1: 5.0, 2: 1.0, 3: 4.0, 4: 2.0, 5: 3.0, 6: 6.0}  # best is step 2, then 4, then 5
 

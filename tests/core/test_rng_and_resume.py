@@ -11,8 +11,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core.data_position import DataPosition
-from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
+from ckpt_callbacks.core.state.data_position import DataPosition
+from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
 
 from ..conftest import TinyNet, assert_same_optimizer_state, assert_same_tensors, seed_everything
 

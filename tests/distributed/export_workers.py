@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ckpt_callbacks.core.consolidate import export_consolidated, full_model_state_dict
+from ckpt_callbacks.core.distributed.consolidate import export_consolidated, full_model_state_dict
 
 from .workers import build_fsdp, train_and_save_sharded
 

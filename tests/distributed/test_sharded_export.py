@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ckpt_callbacks.cli import main as cli
-from ckpt_callbacks.core.consolidate import export_consolidated
+from ckpt_callbacks.core.distributed.consolidate import export_consolidated
 from ckpt_callbacks.core.export import export_safetensors
 
 from . import export_workers

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core.engines.safetensors_engine import SafetensorsEngine
+from ckpt_callbacks.core.format.engines.safetensors_engine import SafetensorsEngine
 
 
 def replicated_save_and_load(rank: int, world_size: int, output_dir: str, async_save: bool) -> None:

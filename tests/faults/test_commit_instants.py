@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core import layout
-from ckpt_callbacks.core import store as store_module
-from ckpt_callbacks.core.manifest import find_problems
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.manifest import find_problems
+from ckpt_callbacks.core.storage import store as store_module
 
 STORE_OPERATIONS = ("fsync_tree", "fsync_dir", "remove_tree_quietly")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointError, CheckpointManager
-from ckpt_callbacks.core.manifest import checksum_file, find_problems
+from ckpt_callbacks.core.format.manifest import checksum_file, find_problems
 
 REPO = Path(__file__).resolve().parents[2]
 

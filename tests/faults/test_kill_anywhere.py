@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core import layout
-from ckpt_callbacks.core.manifest import find_problems
-from ckpt_callbacks.core.tensor_files import read_safetensors
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.manifest import find_problems
+from ckpt_callbacks.core.format.safetensors_io import read_safetensors
 
 from .conftest import KillDelays
 

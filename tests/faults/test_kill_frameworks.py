@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments
-from ckpt_callbacks.core import layout
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.manifest import find_problems
 from ckpt_callbacks.core.manager import read_checkpoint_info
-from ckpt_callbacks.core.manifest import find_problems
 from tests.faults.training_processes import TrainingProcesses
 
 from .conftest import KillDelays

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ckpt_callbacks.core.signals import PREEMPTION_SIGNALS
+from ckpt_callbacks.core.preemption import PREEMPTION_SIGNALS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -289,7 +289,7 @@ def save_weights(order: dict[str, Any], state_dict: dict[str, Any]) -> None:
 def slow_down_publishing(seconds: float) -> None:
     """A slow disk: every checkpoint takes `seconds` longer to become visible, so a process that returned
     before its pending write finished would be caught with the checkpoint missing."""
-    from ckpt_callbacks.core.store import LocalStore
+    from ckpt_callbacks.core.storage.store import LocalStore
 
     publish = LocalStore.publish
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ckpt_callbacks.core.staging import HostStager, StagingPlan
+from ckpt_callbacks.core.save.staging import HostStager, StagingPlan
 from ckpt_callbacks.hf import CheckpointCallback
 from tests.conftest import assert_same_tensors
 from tests.hf.conftest import (

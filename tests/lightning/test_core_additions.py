@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ckpt_callbacks import CheckpointCorruptError
-from ckpt_callbacks.core.rng import capture_rng_state
-from ckpt_callbacks.core.sampler_replay import SamplerResume
-from ckpt_callbacks.core.single_file import load_torch_file, save_torch_file, sidecar_path
+from ckpt_callbacks.core.format.single_file import load_torch_file, save_torch_file, sidecar_path
+from ckpt_callbacks.core.state.rng import capture_rng_state
+from ckpt_callbacks.core.state.sampler_replay import SamplerResume
 
 
 def loader() -> DataLoader:

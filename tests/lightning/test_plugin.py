@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointCorruptError, CheckpointError, CheckpointWriteError
-from ckpt_callbacks.core.manifest import parse_manifest, verify_files
+from ckpt_callbacks.core.format.manifest import parse_manifest, verify_files
 from tests.lightning.helpers import (
     Namespace,
     seed_everything,

@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ckpt_callbacks.core.engines.base import CheckpointEngine
+from ckpt_callbacks.core.format.engines.base import CheckpointEngine
 
 logger = logging.getLogger("ckpt_callbacks")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from ckpt_callbacks.core.rng import capture_rng_state, restore_rng_state
+from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
 
 
 class DataPosition:

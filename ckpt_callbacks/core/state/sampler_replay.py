@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler
 
-from ckpt_callbacks.core.rng import restore_rng_state
+from ckpt_callbacks.core.state.rng import restore_rng_state
 
 
 class ReplayableSampler(Sampler[Any]):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ckpt_callbacks.core.capture import RNG_STATE, restore_into
-from ckpt_callbacks.core.engines.base import CheckpointEngine
-from ckpt_callbacks.core.engines.safetensors_engine import SafetensorsEngine
+from ckpt_callbacks.core.format.engines.base import CheckpointEngine
+from ckpt_callbacks.core.format.engines.safetensors_engine import SafetensorsEngine
+from ckpt_callbacks.core.state.capture import RNG_STATE, restore_into
 
 
 class DCPEngine(CheckpointEngine):

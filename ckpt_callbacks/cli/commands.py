@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ckpt_callbacks.cli_output import (
+from ckpt_callbacks.cli.output import (
     format_metrics,
     format_number,
     format_shape,
@@ -40,7 +40,7 @@ from ckpt_callbacks.cli_output import (
     render_state,
     summarize_state,
 )
-from ckpt_callbacks.cli_sources import (
+from ckpt_callbacks.cli.sources import (
     KIND_HF_TRAINER,
     KIND_LIGHTNING,
     Checkpoint,
@@ -53,11 +53,11 @@ from ckpt_callbacks.cli_sources import (
     scan_run_folder,
 )
 from ckpt_callbacks.config import CheckpointArguments, parse_size
-from ckpt_callbacks.core import layout
 from ckpt_callbacks.core.best import MetricRule
 from ckpt_callbacks.core.export import export_safetensors
+from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.manager import CheckpointManager
-from ckpt_callbacks.core.retention import RetentionCandidate, RetentionPolicy
+from ckpt_callbacks.core.save.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 
 EXIT_OK = 0

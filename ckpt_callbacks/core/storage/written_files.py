@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from ckpt_callbacks.core import direct_io
-from ckpt_callbacks.core.direct_io import DirectFile
-from ckpt_callbacks.core.manifest import checksum_file
+from ckpt_callbacks.core.format.manifest import checksum_file
+from ckpt_callbacks.core.storage import direct_io
+from ckpt_callbacks.core.storage.direct_io import DirectFile
 
 # Linux transfers at most 0x7ffff000 bytes per write call: batches stay below that.
 _MAX_BATCH_BYTES = 1 << 30

@@ -23,13 +23,19 @@ from typing import IO, Any
 
 import torch
 
-from ckpt_callbacks.core.capture import library_versions
-from ckpt_callbacks.core.durable import fsync_dir, write_bytes_durably
-from ckpt_callbacks.core.engines.torch_engine import load_weights_only
-from ckpt_callbacks.core.manifest import FileEntry, Manifest, checksum_file, find_problems, parse_manifest
-from ckpt_callbacks.core.staging import HostStager
-from ckpt_callbacks.core.store import write_error
-from ckpt_callbacks.core.writer import BackgroundWriter
+from ckpt_callbacks.core.format.engines.torch_engine import load_weights_only
+from ckpt_callbacks.core.format.manifest import (
+    FileEntry,
+    Manifest,
+    checksum_file,
+    find_problems,
+    parse_manifest,
+)
+from ckpt_callbacks.core.save.staging import HostStager
+from ckpt_callbacks.core.save.writer import BackgroundWriter
+from ckpt_callbacks.core.state.capture import library_versions
+from ckpt_callbacks.core.storage.durable import fsync_dir, write_bytes_durably
+from ckpt_callbacks.core.storage.store import write_error
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundError
 
 SIDECAR_SUFFIX = ".manifest.json"

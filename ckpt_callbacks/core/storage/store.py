@@ -16,9 +16,9 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO, Any
 
-from ckpt_callbacks.core import layout
-from ckpt_callbacks.core.durable import exchange_paths, fsync_dir, fsync_tree, remove_tree_quietly
-from ckpt_callbacks.core.manifest import Manifest, find_problems
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.manifest import Manifest, find_problems
+from ckpt_callbacks.core.storage.durable import exchange_paths, fsync_dir, fsync_tree, remove_tree_quietly
 from ckpt_callbacks.errors import CheckpointError, CheckpointWriteError
 
 

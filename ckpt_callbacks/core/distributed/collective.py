@@ -70,7 +70,7 @@ class TorchDistributed:
 def _destroy_at_exit(group: Any) -> None:
     import torch.distributed as dist
 
-    from ckpt_callbacks.core.writer import flush_pending_writes
+    from ckpt_callbacks.core.save.writer import flush_pending_writes
 
     flush_pending_writes()  # a pending commit still needs the group: whatever atexit's order, flush first
     if dist.is_initialized():

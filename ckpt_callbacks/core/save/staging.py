@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ckpt_callbacks.core.tensor_files import view_key
+from ckpt_callbacks.core.format.safetensors_io import view_key
 from ckpt_callbacks.errors import CheckpointError
 
 BufferKey = tuple[str, ...]

@@ -93,7 +93,7 @@ class CheckpointEngine(ABC):
         """Restore `relpath` into the live `target` (in place when it has `load_state_dict`); return the state.
 
         Engines that need the target's own layout to read (DCP resharding) override this."""
-        from ckpt_callbacks.core.capture import restore_into
+        from ckpt_callbacks.core.state.capture import restore_into
 
         return restore_into(relpath, target, self.load(relpath, map_location))
 
@@ -138,4 +138,4 @@ def registered_engines() -> list[str]:
 
 def _ensure_builtins_registered() -> None:
     # Importing the package registers the built-in engines.
-    import ckpt_callbacks.core.engines  # noqa: F401
+    import ckpt_callbacks.core.format.engines  # noqa: F401

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt_callbacks.core.tensor_files import view_key
+from ckpt_callbacks.core.format.safetensors_io import view_key
 from ckpt_callbacks.errors import CheckpointError
 
 _SCALARS = (str, bool, int)

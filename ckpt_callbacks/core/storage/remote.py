@@ -16,10 +16,10 @@ from typing import Any
 
 import fsspec
 
-from ckpt_callbacks.core import layout
-from ckpt_callbacks.core.durable import remove_tree_quietly
-from ckpt_callbacks.core.manifest import Manifest
-from ckpt_callbacks.core.store import CheckpointStore
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.manifest import Manifest
+from ckpt_callbacks.core.storage.durable import remove_tree_quietly
+from ckpt_callbacks.core.storage.store import CheckpointStore
 from ckpt_callbacks.errors import CheckpointWriteError
 
 

@@ -25,9 +25,9 @@ from typing import Any, cast
 
 import torch
 
-from ckpt_callbacks.core import layout
-from ckpt_callbacks.core.engines import CheckpointEngine, get_engine_class
-from ckpt_callbacks.core.engines.hf_engine import (
+from ckpt_callbacks.core.format import layout
+from ckpt_callbacks.core.format.engines import CheckpointEngine, get_engine_class
+from ckpt_callbacks.core.format.engines.hf_engine import (
     MODEL_FILE,
     MODEL_INDEX_FILE,
     TORCH_FILES,
@@ -35,12 +35,12 @@ from ckpt_callbacks.core.engines.hf_engine import (
     HFEngine,
     rng_file_name,
 )
-from ckpt_callbacks.core.engines.torch_engine import load_weights_only
-from ckpt_callbacks.core.engines.tree_codec import decode_tree
+from ckpt_callbacks.core.format.engines.torch_engine import load_weights_only
+from ckpt_callbacks.core.format.engines.tree_codec import decode_tree
+from ckpt_callbacks.core.format.manifest import Manifest, find_problems, parse_manifest
+from ckpt_callbacks.core.format.safetensors_io import _DTYPE_CODES
+from ckpt_callbacks.core.format.single_file import sidecar_path
 from ckpt_callbacks.core.manager import read_checkpoint_info
-from ckpt_callbacks.core.manifest import Manifest, find_problems, parse_manifest
-from ckpt_callbacks.core.single_file import sidecar_path
-from ckpt_callbacks.core.tensor_files import _DTYPE_CODES
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
 
 KIND_MANIFEST = "ckpt_callbacks"

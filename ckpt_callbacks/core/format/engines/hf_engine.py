@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckpt_callbacks.core.engines.base import CheckpointEngine
-from ckpt_callbacks.core.engines.torch_engine import load_weights_only, save_torch
-from ckpt_callbacks.core.rng import numpy_state_as_stock, numpy_state_from_stock
-from ckpt_callbacks.core.tensor_files import read_safetensors, unique_tensors, write_safetensors
+from ckpt_callbacks.core.format.engines.base import CheckpointEngine
+from ckpt_callbacks.core.format.engines.torch_engine import load_weights_only, save_torch
+from ckpt_callbacks.core.format.safetensors_io import read_safetensors, unique_tensors, write_safetensors
+from ckpt_callbacks.core.state.rng import numpy_state_as_stock, numpy_state_from_stock
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundError
 
 MODEL_FILE = "model.safetensors"

@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ckpt_callbacks.core.engines.base import NOT_READ, CheckpointEngine, EngineConfig
-from ckpt_callbacks.core.engines.tree_codec import decode_tree, encode_tree
-from ckpt_callbacks.core.tensor_files import read_safetensors, write_safetensors
+from ckpt_callbacks.core.format.engines.base import NOT_READ, CheckpointEngine, EngineConfig
+from ckpt_callbacks.core.format.engines.tree_codec import decode_tree, encode_tree
+from ckpt_callbacks.core.format.safetensors_io import read_safetensors, write_safetensors
 from ckpt_callbacks.errors import CheckpointCorruptError
 
 
@@ -48,12 +48,12 @@ class SafetensorsEngine(CheckpointEngine):
         """A module copies what it loads into its own parameters: it reads the file's map directly, which saves
         allocating and filling a copy of its weights first (0.5 GB for a 124M GPT-2). Anything else (an
         optimizer adopts the tensors it is given) gets tensors of its own."""
-        from ckpt_callbacks.core.capture import is_module, restore_into
+        from ckpt_callbacks.core.state.capture import is_module, restore_into
 
         return restore_into(relpath, target, self.load(relpath, map_location, copy=not is_module(target)))
 
     def read_ahead(self, relpath: str, target: Any, map_location: Any = None) -> Any:
-        from ckpt_callbacks.core.capture import is_module
+        from ckpt_callbacks.core.state.capture import is_module
 
         if is_module(target):
             return NOT_READ  # read from the file map as it is copied into the module

@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from ckpt_callbacks.core.engines.base import CheckpointEngine
-from ckpt_callbacks.core.mapped_tensors import copy_out_of_map
-from ckpt_callbacks.core.written_files import open_for_writing
+from ckpt_callbacks.core.format.engines.base import CheckpointEngine
+from ckpt_callbacks.core.format.mapped_tensors import copy_out_of_map
+from ckpt_callbacks.core.storage.written_files import open_for_writing
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
 
 

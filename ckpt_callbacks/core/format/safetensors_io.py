@@ -21,8 +21,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from ckpt_callbacks.core.mapped_tensors import copy_out_of_map
-from ckpt_callbacks.core.written_files import write_buffers
+from ckpt_callbacks.core.format.mapped_tensors import copy_out_of_map
+from ckpt_callbacks.core.storage.written_files import write_buffers
 from ckpt_callbacks.errors import CheckpointCorruptError
 
 _DTYPE_CODES = {

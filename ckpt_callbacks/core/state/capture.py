@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
-from ckpt_callbacks.core.tensor_files import view_key
+from ckpt_callbacks.core.format.safetensors_io import view_key
 from ckpt_callbacks.errors import CheckpointError
 
 RNG_STATE = "rng"

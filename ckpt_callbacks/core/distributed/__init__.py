@@ -1,0 +1,1 @@
+"""Several processes: the collectives of a commit, and whole tensors gathered from sharded models."""

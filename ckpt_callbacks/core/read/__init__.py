@@ -1,0 +1,1 @@
+"""The read line: which checkpoints exist and count, verification, and loading into live objects."""
