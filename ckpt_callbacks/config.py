@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
@@ -39,6 +41,49 @@ def parse_size(value: int | str) -> int:
     return int(float(number) * _SIZE_UNITS[unit.upper() if unit else None])
 
 
+def _help(text: str, **metadata: Any) -> dict[str, Any]:
+    return {"help": text, **metadata}
+
+
+class _FlagOfTrainingArguments(dataclasses.Field):  # type: ignore[type-arg]
+    """A field `TrainingArguments` also has (`output_dir`, `save_steps`, ...), as `HfArgumentParser` sees it.
+
+    `HfArgumentParser((TrainingArguments, CheckpointArguments))` turns every init field of both into an option,
+    and two options of one name are an argparse error. Parsed beside another dataclass that has the same field,
+    this field does not count as an init field (the parser neither adds an option for it nor passes it in), so the
+    flag is parsed once, into `TrainingArguments`, whose values the HF callback reads. Everywhere else (the
+    generated `__init__`, `dataclasses.replace`, `HfArgumentParser(CheckpointArguments)` alone) it is a plain
+    field.
+    """
+
+    __slots__ = ()
+
+    @property  # type: ignore[override]
+    def init(self) -> bool:
+        return bool(_FIELD_INIT.__get__(self)) and not _parsed_beside_a_dataclass_with(self.name)
+
+    @init.setter
+    def init(self, value: bool) -> None:
+        _FIELD_INIT.__set__(self, value)
+
+
+_FIELD_INIT = dataclasses.Field.__dict__["init"]  # the slot that holds a field's own `init`
+
+
+def _parsed_beside_a_dataclass_with(name: str) -> bool:
+    """Whether an `HfArgumentParser` up the call stack also parses another dataclass with a field `name`."""
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        parser = frame.f_locals.get("self")
+        if any(cls.__name__ == "HfArgumentParser" for cls in type(parser).__mro__):
+            others = [t for t in getattr(parser, "dataclass_types", ()) if t is not CheckpointArguments]
+            return any(name in getattr(t, "__dataclass_fields__", {}) for t in others)
+        frame = frame.f_back
+    return False
+
+
 def normalize_metric_name(name: str) -> str:
     """Apply the stock Trainer's rule: metric names get an `eval_` prefix if they lack one."""
     return name if name.startswith("eval_") else f"eval_{name}"
@@ -54,31 +99,31 @@ class CheckpointArguments:
     """When to save, what to keep and how to write. Parseable by `transformers.HfArgumentParser`."""
 
     output_dir: str | None = field(
-        default=None, metadata={"help": "Where checkpoint-{step} folders go (HF: the Trainer's output_dir)."}
+        default=None, metadata=_help("Where checkpoint-{step} folders go (HF: the Trainer's output_dir).")
     )
     save_strategy: str = field(
-        default="steps", metadata={"help": "When to save: 'no', 'steps', 'epoch' or 'best'.", "choices": list(SAVE_STRATEGIES)}
+        default="steps", metadata=_help("When to save: 'no', 'steps', 'epoch' or 'best'.", choices=list(SAVE_STRATEGIES))
     )
     save_steps: float = field(
-        default=500, metadata={"help": "Save every N optimizer steps; a float in (0, 1) is a ratio of the total steps."}
+        default=500, metadata=_help("Save every N optimizer steps; a float in (0, 1) is a ratio of the total steps.")
     )
     save_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep at most N checkpoints, the newest; a tracked best is always kept and counts toward N."}
+        default=None, metadata=_help("Keep at most N checkpoints, the newest; a tracked best is always kept and counts toward N.")
     )
     save_best_limit: int | None = field(
         default=None, metadata={"help": "Also keep the N best checkpoints by metric_for_best_model."}
     )
     metric_for_best_model: str | None = field(
-        default=None, metadata={"help": "Metric that ranks checkpoints; the 'eval_' prefix is optional."}
+        default=None, metadata=_help("Metric that ranks checkpoints; the 'eval_' prefix is optional.")
     )
     greater_is_better: bool | None = field(
-        default=None, metadata={"help": "Whether a larger metric is better; inferred (False for names ending in 'loss')."}
+        default=None, metadata=_help("Whether a larger metric is better; inferred (False for names ending in 'loss').")
     )
     load_best_model_at_end: bool = field(
-        default=False, metadata={"help": "Restore the best weights when training ends."}
+        default=False, metadata=_help("Restore the best weights when training ends.")
     )
     save_only_model: bool = field(
-        default=False, metadata={"help": "Save weights only (no optimizer, scheduler or RNG): such checkpoints cannot resume."}
+        default=False, metadata=_help("Save weights only (no optimizer, scheduler or RNG): such checkpoints cannot resume.")
     )
     save_time_interval: float | None = field(
         default=None, metadata={"help": "Also save every N seconds of training."}
@@ -157,11 +202,27 @@ class CheckpointArguments:
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight={self.max_in_flight} must be >= 1.")
         parse_size(self.max_shard_size)
+        self._validate_export_dir()
         if self.engine is not None:
             # Imported here: the registry imports engines, which import this module's helpers.
             from ckpt_callbacks.core.format.engines import get_engine_class
 
             get_engine_class(self.engine)
+
+    def _validate_export_dir(self) -> None:
+        if self.export_dir is None:
+            return
+        if "://" in self.export_dir:
+            raise ValueError(f"export_dir={self.export_dir!r}: the export is written to a local folder. Give a local "
+                             "path (and copy it to remote storage afterwards), or set export_at_end=False.")
+        if self.output_dir is not None and "://" not in self.output_dir:
+            # Imported here: the export module imports this one.
+            from ckpt_callbacks.core.export import export_path_problem
+
+            problem = export_path_problem(self.output_dir, self.export_dir)
+            if problem is not None:
+                raise ValueError(f"export_dir={self.export_dir!r} {problem}. Choose a folder of its own, e.g. "
+                                 f"export_dir={str(Path(self.output_dir) / 'export')!r} (the default).")
 
     @property
     def metric_key(self) -> str | None:
@@ -190,3 +251,10 @@ class CheckpointArguments:
             for f in dataclasses.fields(self)
             if getattr(self, f.name) != getattr(defaults, f.name)
         }
+
+
+# The save flags TrainingArguments has under the same name and meaning (see `_FlagOfTrainingArguments`).
+TRAINING_ARGUMENTS_FLAGS = ("output_dir", "save_strategy", "save_steps", "save_total_limit", "metric_for_best_model",
+                            "greater_is_better", "load_best_model_at_end", "save_only_model")
+for _name in TRAINING_ARGUMENTS_FLAGS:
+    CheckpointArguments.__dataclass_fields__[_name].__class__ = _FlagOfTrainingArguments

@@ -16,8 +16,8 @@ class CheckpointError(Exception):
         self.step = step
 
 
-class CheckpointNotFoundError(CheckpointError):
-    """No (complete) checkpoint exists where one was asked for."""
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No (complete) checkpoint exists where one was asked for. Also a `FileNotFoundError`, as the stock tools raise."""
 
 
 class InvalidOperationError(CheckpointError):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ckpt_callbacks.cli.sources import TensorSpec
+from ckpt_callbacks.core.format.safetensors_io import TensorSpec
 
 _SIZE_UNITS = ("B", "kB", "MB", "GB", "TB", "PB")
 _RNG_KEYS = {"python", "numpy", "cpu"}

@@ -15,33 +15,24 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import struct
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.format.engines import CheckpointEngine, get_engine_class
-from ckpt_callbacks.core.format.engines.hf_engine import (
-    MODEL_FILE,
-    MODEL_INDEX_FILE,
-    TORCH_FILES,
-    TRAINER_STATE_FILE,
-    HFEngine,
-    rng_file_name,
-)
-from ckpt_callbacks.core.format.engines.torch_engine import load_weights_only
-from ckpt_callbacks.core.format.engines.tree_codec import decode_tree
-from ckpt_callbacks.core.format.manifest import Manifest, find_problems, parse_manifest
-from ckpt_callbacks.core.format.safetensors_io import _DTYPE_CODES
-from ckpt_callbacks.core.format.single_file import sidecar_path
-from ckpt_callbacks.core.manager import read_checkpoint_info
-from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
+from ckpt_callbacks.core.format.engines.hf_engine import HFEngine
+from ckpt_callbacks.core.format.engines.torch_engine import load_lazily
+from ckpt_callbacks.core.format.manifest import Manifest
+from ckpt_callbacks.core.format.single_file import read_embedded_manifest, verify_file
+from ckpt_callbacks.core.read.catalog import read_checkpoint_info
+from ckpt_callbacks.core.read.verify import find_problems
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 
 KIND_MANIFEST = "ckpt_callbacks"
 KIND_HF_TRAINER = "hf-trainer"
@@ -50,29 +41,9 @@ KIND_LIGHTNING = "lightning"
 KIND_TORCH_FILE = "torch-file"
 
 TORCH_FILE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-LEGACY_MODEL_FILE = "pytorch_model.bin"
-PRETRAINED_FILES = ("config.json", "generation_config.json")
-# Pieces of the stock layout that are not state: a full pickle we never load, and save_pretrained files.
-TRAINING_ARGS_PIECE = "training_args"
-PRETRAINED_PIECE = "pretrained"
-_DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
-_MAX_HEADER_BYTES = 100 * 1024 * 1024
 _LOAD_ERRORS = (OSError, ValueError, KeyError, TypeError, RuntimeError, CheckpointError)
 
 Progress = Callable[[int], object]
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of a tensor that was not read."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-
-    @classmethod
-    def of(cls, tensor: torch.Tensor) -> TensorSpec:
-        return cls(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), tensor.numel() * tensor.element_size())
 
 
 @dataclass
@@ -189,18 +160,14 @@ class ManifestCheckpoint(Checkpoint):
         return list(self.manifest.states)
 
     def load(self, state: str) -> Any:
-        if self.engine == "hf":
-            return read_hf_piece(self.path, state)  # also reads the stock layout's non-state pieces
         return self._open_engine().load(state, "cpu")
 
     def describe(self, state: str) -> Any:
-        describer = _DESCRIBERS.get(self.engine or "")
-        if describer is None:
-            return self.load(state)
+        engine = self._open_engine()
         try:
-            return describer(self.path, state)
+            return engine.describe(state)
         except _LOAD_ERRORS:
-            return self.load(state)  # the engine's own reader raises the precise error
+            return engine.load(state, "cpu")  # the engine's own reader raises the precise error
 
     def verify(self, mode: str, progress: Progress) -> VerifyReport:
         assert self.manifest is not None
@@ -233,9 +200,9 @@ class HFFolderCheckpoint(Checkpoint):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self._engine = HFEngine()  # for `has`: which pieces of the stock layout are present
+        self._engine = HFEngine()  # which pieces of the stock layout are present, and their files
         self._engine.open(str(path))
-        self.kind = KIND_HF_TRAINER if (path / TRAINER_STATE_FILE).is_file() else KIND_HF_WEIGHTS
+        self.kind = KIND_HF_TRAINER if (path / layout.HF_TRAINER_STATE_FILE).is_file() else KIND_HF_WEIGHTS
         self.step = layout.parse_checkpoint_step(path.name)
         self._read_trainer_state()
 
@@ -244,20 +211,14 @@ class HFFolderCheckpoint(Checkpoint):
         return sum(p.stat().st_size for p in self.path.rglob("*") if p.is_file())
 
     def states(self) -> list[str]:
-        states = [piece for piece in ("model", *TORCH_FILES, "trainer_state") if self._engine.has(piece)]
-        states += sorted("rng" + p.name.removeprefix("rng_state").removesuffix(".pth") for p in self.path.glob("rng_state*.pth"))
-        if (self.path / "training_args.bin").is_file():
-            states.append(TRAINING_ARGS_PIECE)
-        if (self.path / PRETRAINED_FILES[0]).is_file():
-            states.append(PRETRAINED_PIECE)
-        return states
+        return self._engine.pieces()
 
     def load(self, state: str) -> Any:
-        return read_hf_piece(self.path, state)
+        return self._engine.load(state, "cpu")
 
     def describe(self, state: str) -> Any:
         try:
-            return describe_hf_piece(self.path, state)
+            return self._engine.describe(state)
         except _LOAD_ERRORS:
             return self.load(state)  # the full reader raises the precise error
 
@@ -265,10 +226,12 @@ class HFFolderCheckpoint(Checkpoint):
         report = self._report("ok", "structure")
         required = ["model", "trainer_state"] if self.kind == KIND_HF_TRAINER else ["model"]
         states = self.states()
+        if "adapter" in states:
+            required = [piece if piece != "model" else "adapter" for piece in required]
         report.problems += [self._missing(piece) for piece in required if piece not in states]
         for piece in states:
-            files = hf_piece_files(self.path, piece)
-            if piece == TRAINING_ARGS_PIECE:
+            files = [self.path / name for name in self._engine.files_of(piece)]
+            if piece == "training_args":
                 report.notes.append("training_args.bin not loaded: a full pickle of TrainingArguments (nothing reads it to resume)")
             else:
                 report.problems += _structure_problems(files, functools.partial(self.load, piece), self.path)
@@ -281,15 +244,16 @@ class HFFolderCheckpoint(Checkpoint):
         return report
 
     def _missing(self, piece: str) -> FileProblem:
-        expected = {"model": f"{MODEL_FILE}, {MODEL_INDEX_FILE} or {LEGACY_MODEL_FILE}", "trainer_state": TRAINER_STATE_FILE}
+        expected = {"model": f"{layout.HF_MODEL_FILE}, {layout.HF_MODEL_INDEX_FILE} or {layout.LEGACY_MODEL_FILE}",
+                    "adapter": layout.HF_PEFT_MODEL_FILE, "trainer_state": layout.HF_TRAINER_STATE_FILE}
         return FileProblem(f"{self.name}/{expected[piece]}", "missing",
                            f"{self.name}: {expected[piece]} missing: the save was interrupted or files were deleted. "
                            "Resume from another checkpoint.")
 
     def _read_trainer_state(self) -> None:
         try:
-            trainer_state = json.loads((self.path / TRAINER_STATE_FILE).read_text())
-        except (OSError, ValueError):
+            trainer_state = json.loads((self.path / layout.HF_TRAINER_STATE_FILE).read_text())
+        except (OSError, ValueError, RecursionError):
             return  # verify reports an unreadable trainer state; listing shows what the name says
         if not isinstance(trainer_state, dict):
             return
@@ -305,17 +269,15 @@ class HFFolderCheckpoint(Checkpoint):
 class TorchFileCheckpoint(Checkpoint):
     """A Lightning `.ckpt` (a dict with `state_dict`, `optimizer_states`, ...) or a torch file of tensors.
 
-    `CheckpointIOPlugin` writes such files with a sidecar `{name}.manifest.json`; when it is there, it is the
-    manifest (and `verify` checks size and checksum)."""
+    `CheckpointIOPlugin` writes such files with their manifest inside (an extra record of the zip); when it is
+    there, `verify` checks the file's size and checksum against it."""
 
     engine = None
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        sidecar = sidecar_path(path)
-        if sidecar.is_file():
-            self.manifest = parse_manifest(sidecar.read_bytes(), source=str(sidecar))
-        data = load_torch_lazily(path)
+        self.manifest = read_embedded_manifest(path)
+        data = load_lazily(path)
         if isinstance(data, Mapping) and "state_dict" in data:
             self.kind = KIND_LIGHTNING
             self._data: dict[str, Any] = dict(data)
@@ -344,7 +306,15 @@ class TorchFileCheckpoint(Checkpoint):
 
     def verify(self, mode: str, progress: Progress) -> VerifyReport:
         if self.manifest is not None:
-            return verify_against_manifest(self._report("ok", mode), self.path.parent, self.manifest, progress)
+            report = self._report("ok", mode)
+            try:
+                verify_file(self.path, mode)
+            except CheckpointCorruptError as exc:
+                report.problems.append(_file_problem(exc, self.path))
+            report.files_checked, report.bytes_checked = 1, self.size
+            progress(self.size)
+            report.status = "failed" if report.problems else "ok"
+            return report
         report = self._report("ok", "structure")
         report.problems = _structure_problems([self.path], lambda: self.weights(), self.path)
         report.files_checked, report.bytes_checked = 1, self.size
@@ -418,106 +388,12 @@ def _is_run_entry(entry: Path) -> bool:
 
 
 def _looks_like_hf_folder(path: Path) -> bool:
-    names = (MODEL_FILE, MODEL_INDEX_FILE, LEGACY_MODEL_FILE, TRAINER_STATE_FILE)
+    names = (layout.HF_MODEL_FILE, layout.HF_MODEL_INDEX_FILE, layout.LEGACY_MODEL_FILE, layout.HF_TRAINER_STATE_FILE,
+             layout.HF_PEFT_MODEL_FILE)
     return path.is_dir() and any((path / name).is_file() for name in names)
 
 
 # ------------------------------------------------------------------------------------------ reading
-
-
-def load_torch_lazily(path: Path) -> Any:
-    """`torch.load(weights_only=True)` with tensors memory-mapped, so their bytes are read only when used."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # legacy (non-zip) files cannot be mapped; the plain loader raises a clear error otherwise
-        return load_weights_only(path, "cpu")
-
-
-def safetensors_specs(path: Path) -> dict[str, TensorSpec]:
-    """Name, shape, dtype and size of every tensor of a safetensors file, from its header alone."""
-    with open(path, "rb") as f:
-        (header_size,) = struct.unpack("<Q", f.read(8))
-        if header_size > _MAX_HEADER_BYTES:
-            raise ValueError(f"{path}: safetensors header of {header_size} bytes")
-        header = json.loads(f.read(header_size))
-    return {
-        name: TensorSpec(tuple(entry["shape"]), _DTYPE_NAMES.get(entry["dtype"], entry["dtype"]),
-                         entry["data_offsets"][1] - entry["data_offsets"][0])
-        for name, entry in header.items() if name != "__metadata__"
-    }
-
-
-def hf_piece_files(folder: Path, piece: str) -> list[Path]:
-    """The files of the stock layout that hold `piece`."""
-    if piece == "model":
-        index = folder / MODEL_INDEX_FILE
-        if (folder / MODEL_FILE).is_file():
-            return [folder / MODEL_FILE]
-        if index.is_file():
-            return [index, *(folder / name for name in sorted(set(_weight_map(index).values())))]
-        return [folder / LEGACY_MODEL_FILE]
-    if piece in TORCH_FILES:
-        return [folder / TORCH_FILES[piece]]
-    if piece.startswith("rng"):
-        return [folder / rng_file_name(piece)]
-    if piece == "trainer_state":
-        return [folder / TRAINER_STATE_FILE]
-    if piece == TRAINING_ARGS_PIECE:
-        return [folder / "training_args.bin"]
-    if piece == PRETRAINED_PIECE:
-        return [folder / name for name in PRETRAINED_FILES if (folder / name).is_file()]
-    return [folder / f"{piece}.pt"]
-
-
-def describe_hf_piece(folder: Path, piece: str) -> Any:
-    """A piece of the stock layout with tensors as `TensorSpec`s (weights) or memory-mapped (torch files)."""
-    if piece == "model":
-        files = hf_piece_files(folder, piece)
-        if files[0].suffix == ".bin":
-            return load_torch_lazily(files[0])
-        specs: dict[str, TensorSpec] = {}
-        for shard in (f for f in files if f.suffix == ".safetensors"):
-            specs.update(safetensors_specs(shard))
-        return specs
-    if piece == TRAINING_ARGS_PIECE:
-        return "a full pickle of TrainingArguments (never loaded)"
-    if piece in ("trainer_state", PRETRAINED_PIECE) or piece.startswith("rng"):
-        return read_hf_piece(folder, piece)
-    return load_torch_lazily(hf_piece_files(folder, piece)[0])
-
-
-def read_hf_piece(folder: Path, piece: str) -> Any:
-    """A piece of the stock layout in full; `pretrained` is the JSON of its config files."""
-    if piece == PRETRAINED_PIECE:
-        return {p.name: json.loads(p.read_text()) for p in hf_piece_files(folder, piece)}
-    if piece == TRAINING_ARGS_PIECE:
-        raise CheckpointError(
-            f"{folder.name}/training_args.bin is a full pickle of TrainingArguments; it is never loaded, "
-            "because unpickling it could run code.", path=str(folder / "training_args.bin"))
-    engine = HFEngine()
-    engine.open(str(folder))
-    return engine.load(piece, "cpu")
-
-
-def _describe_torch_piece(folder: Path, piece: str) -> Any:
-    path = folder / piece
-    return load_torch_lazily(path if path.suffix else path.with_name(path.name + ".pt"))
-
-
-def _describe_safetensors_piece(folder: Path, piece: str) -> Any:
-    target = folder / piece
-    structure_path = target.with_name(target.name + ".json")
-    structure = json.loads(structure_path.read_text())["structure"]
-    specs = safetensors_specs(target.with_name(target.name + ".safetensors"))
-    # decode_tree only looks tensors up by key, so shape-and-dtype stand-ins come back in their places.
-    return decode_tree(structure, cast(dict[str, torch.Tensor], specs), where=str(structure_path))
-
-
-_DESCRIBERS: dict[str, Callable[[Path, str], Any]] = {
-    "hf": describe_hf_piece,
-    "torch": _describe_torch_piece,
-    "safetensors": _describe_safetensors_piece,
-}
 
 
 def as_state_dict(value: Any, *, where: str) -> dict[str, torch.Tensor]:

@@ -5,6 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ckpt_callbacks.config import CheckpointArguments
+
+__all__ = ["DEFAULT_SCORE_KEY", "BestTracker", "MetricRule", "metric_rule_for"]
+
+DEFAULT_SCORE_KEY = "score"  # what `Transaction.save_score` records when no metric_for_best_model is set
 
 
 @dataclass
@@ -56,3 +64,14 @@ class BestTracker:
         if order:
             self.best_step = order[0]
             self.best_value = ranked[order[0]]
+
+
+def metric_rule_for(args: CheckpointArguments) -> MetricRule:
+    """The run's rule: `metric_for_best_model` (with the stock Trainer's `eval_` prefix and direction), else the
+    saved score (higher is better unless `greater_is_better=False`)."""
+    if args.metric_for_best_model is None:
+        greater = True if args.greater_is_better is None else args.greater_is_better
+        return MetricRule(DEFAULT_SCORE_KEY, greater)
+    key = args.metric_key
+    assert key is not None
+    return MetricRule(key, args.metric_greater_is_better, aliases=(args.metric_for_best_model,))

@@ -1,10 +1,14 @@
-"""`CheckpointManager`: save, commit, list, load and prune checkpoints of one run.
+"""`CheckpointManager`: the checkpoints of one run, saved, listed, loaded and pruned through one object.
 
-The manager composes the core's pieces: capture (`capture.py`), host staging
-(`staging.py`), the engine that writes bytes (`engines/`), the manifest
-(`manifest.py`), the store that publishes atomically (`store.py`), the
-background writer (`writer.py`) and retention (`retention.py`). It knows no
-training framework; adapters and plain loops call it the same way.
+A facade over the steps of a save and a load, each in its own module:
+
+    save: policy (when) -> transaction (what, captured) -> saver (staging, background writer)
+          -> commit (write, seal, publish) -> retention (which survive)
+    read: catalog (which exist, which count, which a resume takes) -> verify -> load (restore in place)
+
+It knows no training framework; adapters (through `core/run.py`) and plain
+loops call it the same way. Constructing it does no I/O: the run folder is
+read when first asked, and locked and cleaned at the first save.
 """
 
 from __future__ import annotations
@@ -14,138 +18,38 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ckpt_callbacks.config import CheckpointArguments
-from ckpt_callbacks.core.best import BestTracker, MetricRule
+from ckpt_callbacks.core.best import BestTracker, MetricRule, metric_rule_for
 from ckpt_callbacks.core.distributed.collective import Collective, default_collective
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.format.engines import CheckpointEngine, get_engine_class
-from ckpt_callbacks.core.format.engines.base import NOT_READ
-from ckpt_callbacks.core.format.manifest import Manifest, describe_files, find_problems, parse_manifest
+from ckpt_callbacks.core.format.provenance import git_commit, library_versions
 from ckpt_callbacks.core.preemption import PreemptionFlag
+from ckpt_callbacks.core.read.catalog import LAST, Catalog, CheckpointInfo, ResumeCandidate
+from ckpt_callbacks.core.read.load import restore_checkpoint
+from ckpt_callbacks.core.save.commit import CommitRequest, CommitResult, Provenance, commit_checkpoint
 from ckpt_callbacks.core.save.policy import SavePolicy
 from ckpt_callbacks.core.save.retention import RetentionCandidate, RetentionPolicy
-from ckpt_callbacks.core.save.staging import HostStager, StagingPlan, storage_address
-from ckpt_callbacks.core.save.writer import BackgroundWriter
-from ckpt_callbacks.core.state.capture import RNG_STATE, capture, git_commit, library_versions, restore_into
+from ckpt_callbacks.core.save.saver import Saver, SaveStats, copy_now_addresses
+from ckpt_callbacks.core.save.transaction import Transaction, piece_path
+from ckpt_callbacks.core.state.capture import RNG_STATE, capture
 from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
-from ckpt_callbacks.core.storage.durable import remove_tree_quietly, write_bytes_durably
-from ckpt_callbacks.core.storage.store import CheckpointStore, LocalStore, write_error
-from ckpt_callbacks.core.storage.written_files import WrittenFiles, recording
-from ckpt_callbacks.errors import (
-    CheckpointCorruptError,
-    CheckpointError,
-    CheckpointNotFoundError,
-    CheckpointWriteError,
-    InvalidOperationError,
-)
+from ckpt_callbacks.core.storage.store import CheckpointStore, make_store
+from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError, InvalidOperationError
 
 if TYPE_CHECKING:
     import torch
 
+__all__ = ["CheckpointInfo", "CheckpointManager", "SaveStats", "Transaction"]
+
 logger = logging.getLogger("ckpt_callbacks")
 
-DEFAULT_SCORE_KEY = "score"
 # What `save_only_model` leaves out: the state needed only to continue training (RNG is never added then).
 TRAINING_ONLY_PIECES = frozenset({"optimizer", "scheduler", "scaler", "lr_scheduler", "grad_scaler"})
-
-
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """A committed checkpoint, as its manifest describes it."""
-
-    step: int
-    path: str
-    epoch: float | None
-    metrics: dict[str, float]
-    engine: str
-    save_time: float
-    size: int
-    manifest: Manifest = field(repr=False, compare=False)
-
-    @property
-    def name(self) -> str:
-        return layout.checkpoint_name(self.step)
-
-
-@dataclass
-class SaveStats:
-    """What the last save cost: the time training waited, the time until durable, and its size."""
-
-    step: int
-    blocking_seconds: float
-    total_seconds: float | None = None
-    bytes_written: int = 0
-
-
-class Transaction:
-    """One checkpoint being assembled; nothing is visible until `commit()` (or a clean `with` exit)."""
-
-    def __init__(self, manager: CheckpointManager, step: int, epoch: float | None) -> None:
-        self.manager = manager
-        self.step = step
-        self.epoch = epoch
-        self.metrics: dict[str, float] = {}
-        self.metadata: dict[str, Any] = {}
-        self._pieces: dict[str, Any] = {}
-        self.capture_rng = True
-        self.defer_staging = False
-        self.copy_now: frozenset[int] = frozenset()  # storages copied at once even when staging is deferred
-        self._open = True
-        self._started = time.perf_counter()
-
-    def save_state(self, state: Mapping[str, Any], name: str | None = None) -> None:
-        """Capture each named object (`state_dict()` or the value itself); `name` namespaces the pieces."""
-        self._check_open("save_state")
-        for key, value in capture(state).items():
-            relpath = _piece_path(key, name)
-            if self.manager.args.save_only_model and relpath in TRAINING_ONLY_PIECES:
-                continue
-            self._pieces[relpath] = self.manager._snapshot(value, relpath)
-
-    def save_score(self, value: float) -> None:
-        """The score that ranks this checkpoint (best tracking, `save_best_limit`)."""
-        self._check_open("save_score")
-        self.metrics[self.manager.metric_rule.key] = float(value)
-
-    def save_metrics(self, metrics: Mapping[str, Any]) -> None:
-        self._check_open("save_metrics")
-        self.metrics.update({str(k): float(v) for k, v in metrics.items() if _is_number(v)})
-
-    def commit(self) -> None:
-        self._check_open("commit")
-        self._open = False
-        self.manager._commit(self)
-
-    def abort(self) -> None:
-        """Drop everything captured; nothing was written."""
-        if self._open:
-            self._open = False
-            self._pieces.clear()
-            self.manager._close_transaction(self)
-
-    def __enter__(self) -> Transaction:
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        if exc_type is not None:
-            self.abort()
-        elif self._open:
-            self.commit()
-
-    def _check_open(self, operation: str) -> None:
-        if not self._open:
-            raise InvalidOperationError(
-                f"{operation}() after the checkpoint of step {self.step} was committed or aborted. "
-                "Start a new one with manager.begin(step).",
-                step=self.step,
-            )
 
 
 class CheckpointManager:
@@ -159,6 +63,7 @@ class CheckpointManager:
         store: CheckpointStore | None = None,
         default_engine: str = "safetensors",
         collective: Collective | None = None,
+        recognize_foreign: Callable[[Path], bool] | None = None,
     ) -> None:
         self.args = args if args is not None else CheckpointArguments()
         if store is None:
@@ -168,25 +73,26 @@ class CheckpointManager:
         self.store = store
         self.engine_class = _engine_class(engine or self.args.engine or default_engine)
         self.collective = collective if collective is not None else default_collective()
-        self.metric_rule = _metric_rule(self.args)
-        self.best_tracker = BestTracker(self.metric_rule)
-        self.policy = SavePolicy(self.args, self.best_tracker)
+        self.metric_rule: MetricRule = metric_rule_for(self.args)
+        # `recognize_foreign(path)`: a `checkpoint-{step}` folder without a manifest that is the framework's own
+        # (listed as foreign, counted by retention, resumable unverified), e.g. one the stock Trainer wrote.
+        self.catalog = Catalog(store, self.metric_rule, recognize_foreign)
+        self._best_tracker = BestTracker(self.metric_rule)
+        self.policy = SavePolicy(self.args, self._best_tracker)
         self.preemption = PreemptionFlag()
         self.retention = RetentionPolicy(self.args.save_total_limit, self.args.save_best_limit, self.metric_rule)
-        self.last_save: SaveStats | None = None
         self.resumed_from_step: int | None = None
-        self._async = self.args.async_save and self.engine_class.supports_host_staging
-        self._writer = BackgroundWriter(self.args.max_in_flight)
-        self._stagers = [HostStager() for _ in range(self.args.max_in_flight)]
-        self._deferred_plans: list[StagingPlan] = []
-        self._save_count = 0
+        # Steps retention never deletes, beyond the newest and the best by manifest (e.g. the framework's own best).
+        self.protected_steps: set[int] = set()
+        self._saver = Saver(async_save=self.args.async_save and self.engine_class.supports_host_staging,
+                            max_in_flight=self.args.max_in_flight, on_save_error=self.args.on_save_error)
         self._open_transaction: Transaction | None = None
         self._prepared_for_writing = False
+        self._best_known = False
+        self._provenance: Provenance | None = None
         self._start_time = time.time()
-        self._git_commit = git_commit()
-        self._refresh_best()
 
-    # ----------------------------------------------------------------- saving
+    # ----------------------------------------------------------------- when to save (plain loops)
 
     def should_save_step(self, step: int, *, max_steps: int | None = None) -> bool:
         """Whether `save_strategy`/`save_steps`/`save_time_interval`, or a preemption signal received since
@@ -194,6 +100,14 @@ class CheckpointManager:
         if max_steps is not None:
             self.policy.set_max_steps(max_steps)
         return self.policy.on_step_end(step) or self.preempted
+
+    def should_save_epoch(self) -> bool:
+        return self.policy.on_epoch_end()
+
+    def should_save_evaluation(self, metrics: Mapping[str, float], step: int) -> bool:
+        """Record an evaluation for best tracking; True when `save_strategy="best"` and it is a new best."""
+        self.know_best()
+        return self.policy.on_evaluate(metrics, step)
 
     def handle_signals(self) -> PreemptionFlag:
         """For plain loops: from now on SIGTERM/SIGUSR1 only set `preempted` (when `save_on_signal`), so the
@@ -223,12 +137,7 @@ class CheckpointManager:
         """0, or 128 + the signal number once a preemption signal was received (143 for SIGTERM)."""
         return self.preemption.exit_code
 
-    def should_save_epoch(self) -> bool:
-        return self.policy.on_epoch_end()
-
-    def should_save_evaluation(self, metrics: Mapping[str, float], step: int) -> bool:
-        """Record an evaluation for best tracking; True when `save_strategy="best"` and it is a new best."""
-        return self.policy.on_evaluate(metrics, step)
+    # ----------------------------------------------------------------- saving
 
     def begin(self, step: int, *, epoch: float | None = None, defer_staging: bool = False,
               copy_now: Iterable[torch.Tensor] = ()) -> Transaction:
@@ -243,16 +152,15 @@ class CheckpointManager:
             )
         if step < 0:
             raise ValueError(f"step={step} must be >= 0.")
-        # Surface an earlier background failure and wait for a free staging buffer before copying anything.
-        self._writer.wait_for_preparation()
-        self._report_failures(self._writer.wait_for_staging)
-        self._report_failures(lambda: self._writer._raise_first_failure(block_until=self.args.max_in_flight - 1))
-        # On the caller's thread, so the cleanup cannot race with anything else that thread starts later.
-        self._prepare_for_writing()
-        self._open_transaction = Transaction(self, step, epoch)
-        self._open_transaction.defer_staging = defer_staging
-        self._open_transaction.copy_now = frozenset(storage_address(t) for t in copy_now)
-        return self._open_transaction
+        started = time.perf_counter()
+        self._saver.make_room()
+        self._prepare_for_writing()  # on the caller's thread, so the cleanup cannot race with later work
+        tx = Transaction(self, step, epoch)
+        tx.started = started
+        tx.defer_staging = defer_staging
+        tx.copy_now = copy_now_addresses(copy_now)
+        self._open_transaction = tx
+        return tx
 
     def save(
         self,
@@ -285,44 +193,24 @@ class CheckpointManager:
                 tx.metadata.update(metadata)
 
     def prepare_staging(self, state: Mapping[str, Any], *, name: str | None = None) -> None:
-        """Allocate, in the background, the host buffers the next async save of `state` will copy into.
-
-        For callers that know what they will save before the first save (the adapters call it after the
-        first optimizer step, once the optimizer state exists): the first save then reuses memory that is
-        already in place instead of faulting in fresh pages while training waits. Training is not held up;
-        the next `save` waits for the allocation to finish. A no-op for synchronous saves."""
-        if not self._async:
-            return
-        pieces = {_piece_path(key, name): value for key, value in capture(state).items()}
-        stager = self._stagers[self._save_count % len(self._stagers)]
-
-        def reserve() -> None:
-            reserved = sum(stager.reserve(value, prefix=(relpath,)) for relpath, value in pieces.items())
-            logger.debug("Reserved %.2f GB of staging buffers.", reserved / 1e9)
-
-        self._writer.prepare_in_background(reserve)
+        """Allocate, in the background, the host buffers the next async save of `state` will copy into, so the
+        first save reuses memory already in place instead of faulting in fresh pages while training waits.
+        Training is not held up; the next `save` waits for the allocation. A no-op for synchronous saves."""
+        self._saver.prepare({piece_path(key, name): value for key, value in capture(state).items()})
 
     def wait_for_staging(self) -> None:
         """Block until the host copy of a `save(..., defer_staging=True)` is complete: from then on the live
         tensors may change. Cheap when there is nothing to wait for; raises if the copy failed."""
-        self._report_failures(self._writer.wait_for_staging)
+        self._saver.wait_for_staging()
 
     def wait(self) -> None:
         """Block until every async save is durable; raise if one failed (log it with `on_save_error="warn"`)."""
-        self._report_failures(self._writer.wait)
-
-    def _report_failures(self, operation: Callable[[], None]) -> None:
-        try:
-            operation()
-        except CheckpointError as exc:
-            if self.args.on_save_error != "warn":
-                raise
-            logger.error("A checkpoint save failed; training goes on (on_save_error='warn'): %s", exc)
+        self._saver.wait()
 
     def close(self) -> None:
         """Flush pending saves and release the output folder."""
         try:
-            self._report_failures(self._writer.close)
+            self._saver.close()
         finally:
             self.preemption.uninstall()
             self.store.release_writer_lock()
@@ -336,49 +224,62 @@ class CheckpointManager:
 
     @property
     def is_saving(self) -> bool:
-        return self._writer.in_flight > 0
+        return self._saver.is_saving
 
-    def _snapshot(self, value: Any, relpath: str) -> Any:
-        if not self._async:
-            return value
-        stager = self._stagers[self._save_count % len(self._stagers)]
-        tx = self._open_transaction
-        if tx is None or not tx.defer_staging:
-            return stager.stage(value, prefix=(relpath,))
-        plan = stager.plan(value, prefix=(relpath,), defer=True, copy_now=tx.copy_now)
-        self._deferred_plans.append(plan)  # copied in the background once the transaction commits
-        return plan.staged
+    @property
+    def last_save(self) -> SaveStats | None:
+        return self._saver.last_save
 
-    def _close_transaction(self, tx: Transaction) -> None:
-        if self._open_transaction is tx:
-            self._open_transaction = None
-            self._deferred_plans = []
+    # The transaction's side (`TransactionOwner`).
 
-    def _commit(self, tx: Transaction) -> None:
+    def snapshot_piece(self, transaction: Transaction, relpath: str, value: Any) -> Any | None:
+        if self.args.save_only_model and relpath in TRAINING_ONLY_PIECES:
+            return None
+        return self._saver.snapshot(value, relpath, defer=transaction.defer_staging, copy_now=transaction.copy_now)
+
+    def score_key(self) -> str:
+        if self.args.metric_for_best_model is None and self.args.greater_is_better is None:
+            raise ValueError(
+                "save_score() needs to know whether a higher score is better: set "
+                "CheckpointArguments(metric_for_best_model=...) (e.g. 'loss'), or greater_is_better=True/False.")
+        return self.metric_rule.key
+
+    def commit_transaction(self, tx: Transaction) -> None:
         try:
-            pieces = dict(tx._pieces)
+            pieces = dict(tx.pieces)
             if tx.capture_rng and not self.args.save_only_model:
                 pieces[self._rng_piece()] = capture_rng_state()
             self.best_tracker.observe(tx.metrics, tx.step)
             self.policy.record_save(tx.step)
-            started = tx._started
-            job = _CommitJob(self, tx.step, tx.epoch, pieces, dict(tx.metrics), dict(tx.metadata), started)
-            self._save_count += 1
-            self.last_save = SaveStats(step=tx.step, blocking_seconds=0.0)
-            if self._async:
-                plans, self._deferred_plans = self._deferred_plans, []
-                staging = self._writer.stage_in_background(partial(_run_plans, plans)) if plans else None
-                self._writer.submit(job, after=staging)
-            else:
-                self._report_failures(job)
-            self.last_save.blocking_seconds = time.perf_counter() - started
+            request = CommitRequest(
+                step=tx.step, epoch=tx.epoch, pieces=pieces, metrics=dict(tx.metrics), metadata=dict(tx.metadata),
+                engine_class=self.engine_class, store=self.store, collective=self.collective,
+                provenance=self._provenance_once(), expected_size=self._expected_size(), started=tx.started)
+            self._saver.submit(tx.step, partial(self._commit_and_retain, request), started=tx.started)
         finally:
-            self._close_transaction(tx)
+            self.abort_transaction(tx)
+
+    def abort_transaction(self, tx: Transaction) -> None:
+        if self._open_transaction is tx:
+            self._open_transaction = None
+            self._saver.discard_snapshots()
+
+    def _commit_and_retain(self, request: CommitRequest) -> CommitResult:
+        result = commit_checkpoint(request)
+        if self.collective.rank == 0:
+            self._apply_retention(self.retention)
+        return result
+
+    def _provenance_once(self) -> Provenance:
+        if self._provenance is None:
+            self._provenance = Provenance(library_versions(), git_commit(), self._start_time)
+        return self._provenance
 
     def _expected_size(self) -> int:
         """Bytes the next checkpoint will likely need: the size of the last one committed."""
-        if self.last_save is not None and self.last_save.bytes_written:
-            return self.last_save.bytes_written
+        last = self.last_save
+        if last is not None and last.bytes_written:
+            return last.bytes_written
         latest = self.latest()
         return latest.size if latest is not None else 0
 
@@ -397,75 +298,42 @@ class CheckpointManager:
                                len(removed), ", ".join(removed))
         self._prepared_for_writing = True
 
-    # ---------------------------------------------------------------- listing
+    # ----------------------------------------------------------------- listing
 
-    def list(self) -> list[CheckpointInfo]:
+    def list(self) -> builtins.list[CheckpointInfo]:
         """Committed checkpoints whose manifest parses and whose files are all present at the right size,
-        oldest first. Staging folders and anything without a manifest are never listed."""
-        infos = []
-        for name in self.store.list_names():
-            step = layout.parse_checkpoint_step(name)
-            if step is None:
-                continue
-            info = self._read_info(name)
-            if info is not None and info.step == step:
-                infos.append(info)
-        return sorted(infos, key=lambda info: info.step)
+        oldest first. Staging folders, damaged checkpoints and anything without a manifest are never listed."""
+        return self.catalog.list()
 
     def latest(self) -> CheckpointInfo | None:
-        infos = self.list()
-        return infos[-1] if infos else None
+        return self.catalog.latest()
 
-    def latest_verified(self) -> CheckpointInfo | None:
-        """The newest checkpoint whose files pass `verify_on_load`; with `fallback_to_verified`, older ones are
-        tried (and the fallback logged) when the newest fails. Raises `CheckpointCorruptError` otherwise."""
-        infos = self.list()
-        for info in reversed(infos):
-            problems = find_problems(Path(self.store.local_dir(info.name)), info.manifest, self.args.verify_on_load)
-            if not problems:
-                return info
-            if not self.args.fallback_to_verified:
-                raise problems[0]
-            logger.warning("%s failed verification (%s); falling back to the previous checkpoint.", info.name, problems[0])
-        return None
+    def best(self) -> CheckpointInfo | None:
+        """The best checkpoint by `metric_for_best_model` (or saved score); ties go to the earlier step."""
+        return self.catalog.best()
+
+    @property
+    def best_tracker(self) -> BestTracker:
+        """The best metric seen by this run, seeded from the checkpoints already in the folder when first asked."""
+        self.know_best()
+        return self._best_tracker
+
+    def know_best(self) -> None:
+        """Seed best tracking from the checkpoints already in the folder (once): a resumed run keeps its best."""
+        if self._best_known:
+            return
+        self._best_known = True
+        best = self.catalog.best()
+        if best is not None and (value := self.metric_rule.value_in(best.metrics)) is not None:
+            self._best_tracker.reset_from([(best.step, value)])
 
     def delete(self, step: int) -> None:
         """Delete committed checkpoint `step` (after pending saves finished), invisibly to readers."""
         self.wait()
-        self.store.delete(layout.checkpoint_name(step))
+        if any(info.step == step for info in self.list()):
+            self.store.delete(layout.checkpoint_name(step))
 
-    def best(self) -> CheckpointInfo | None:
-        """The best checkpoint by `metric_for_best_model` (or saved score); ties go to the earlier step."""
-        infos = {info.step: info for info in self.list()}
-        scored = [(step, v) for step, info in infos.items() if (v := self.metric_rule.value_in(info.metrics)) is not None]
-        ranked = self.metric_rule.ranked(scored)
-        return infos[ranked[0]] if ranked else None
-
-    def _read_info(self, name: str, *, check_sizes: bool = True) -> CheckpointInfo | None:
-        data = self.store.read_manifest(name)
-        if data is None:
-            return None
-        try:
-            manifest = parse_manifest(data, source=f"{name}/{layout.MANIFEST_NAME}")
-        except CheckpointError as exc:
-            logger.warning("Ignoring %s: %s", name, exc)
-            return None
-        if check_sizes and not self.store.sizes_match(name, manifest):
-            logger.warning("Ignoring %s: files missing or of the wrong size", name)
-            return None
-        if isinstance(self.store, LocalStore):
-            location = str(self.store.local_dir(name))
-        else:
-            location = f"{self.store.root.rstrip('/')}/{name}"
-        return _info(manifest, location)
-
-    def _refresh_best(self) -> None:
-        best = self.best()
-        if best is not None:
-            self.best_tracker.best_step = best.step
-            self.best_tracker.best_value = self.metric_rule.value_in(best.metrics)
-
-    # ---------------------------------------------------------------- loading
+    # ----------------------------------------------------------------- loading
 
     def load(
         self,
@@ -477,28 +345,36 @@ class CheckpointManager:
         restore_rng: bool = True,
     ) -> dict[str, Any]:
         """Restore each object of `state` in place from `checkpoint` (an info, a path, a step, or None for the
-        latest). Returns the metadata: step, epoch, metrics, user metadata, and the raw loaded states."""
-        info = self._resolve(checkpoint)
-        directory = Path(self.store.local_dir(info.name)) if not _is_path_like(checkpoint) else Path(info.path)
-        relpaths = {key: _piece_path(key, name) for key in state}
-        for relpath in relpaths.values():
-            if relpath not in info.manifest.states:
-                raise CheckpointError(
-                    f"{info.name} holds no '{relpath}' state (it holds: {', '.join(info.manifest.states) or 'nothing'}). "
-                    "Checkpoints saved with save_only_model=True hold only the model.",
-                    path=info.path, step=info.step,
-                )
-        engine = self.engine_class_for(info.manifest.engine)(rank=self.collective.rank, world_size=info.manifest.world_size)
+        latest, as `load_last` chooses it). Returns the metadata: step, epoch, metrics, user metadata, and the
+        raw loaded states."""
+        requested = LAST if checkpoint is None else checkpoint
+        fallback = self.args.fallback_to_verified and checkpoint is None
+        return self.catalog.resume(requested, partial(self._load_candidate, state=state, name=name,
+                                                      map_location=map_location, restore_rng=restore_rng),
+                                   fallback=fallback)
+
+    def load_last(self, state: Mapping[str, Any], **kwargs: Any) -> tuple[int, dict[str, Any]]:
+        """Restore from the newest committed checkpoint; `CheckpointNotFoundError` when there is none.
+
+        A newest checkpoint that fails verification raises `CheckpointCorruptError` naming the file; with
+        `fallback_to_verified`, the newest one that verifies is loaded instead (and the fallback logged)."""
+        meta = self.catalog.resume(LAST, partial(self._load_candidate, state=state, **kwargs),
+                                   fallback=self.args.fallback_to_verified)
+        return meta["step"], meta
+
+    def _load_candidate(self, candidate: ResumeCandidate, *, state: Mapping[str, Any], name: str | None = None,
+                        map_location: Any = "cpu", restore_rng: bool = True) -> dict[str, Any]:
+        info = candidate.info
+        if info is None:
+            raise CheckpointNotFoundError(f"{candidate.path}: not a committed checkpoint of this library (no "
+                                          "manifest).", path=candidate.path)
+        directory = self.store.local_dir(info.name) if self._in_store(info) else Path(info.path)
+        engine = self.engine_class_for(info.manifest.engine)(rank=self.collective.rank,
+                                                              world_size=info.manifest.world_size)
         engine.process_group = getattr(self.collective, "group", None)
-        engine.open(str(directory))
-        read_ahead = _read_while_verifying(engine, directory, info.manifest, self.args.verify_on_load, state, relpaths,
-                                           map_location)
-        loaded = {}
-        for key, target in state.items():
-            if read_ahead[key] is NOT_READ:
-                loaded[key] = engine.load_into(relpaths[key], target, map_location)
-            else:
-                loaded[key] = restore_into(relpaths[key], target, read_ahead[key])
+        relpaths = {key: piece_path(key, name) for key in state}
+        loaded = restore_checkpoint(engine, directory, info.manifest, state, relpaths,
+                                    verify=self.args.verify_on_load, map_location=map_location)
         rng_piece = self._rng_piece()
         if restore_rng and rng_piece in info.manifest.states:
             restore_rng_state(engine.load(rng_piece))
@@ -506,26 +382,8 @@ class CheckpointManager:
         return {"step": info.step, "epoch": info.epoch, "metrics": dict(info.metrics),
                 "metadata": dict(info.manifest.user_metadata), "state": loaded}
 
-    def load_last(self, state: Mapping[str, Any], **kwargs: Any) -> tuple[int, dict[str, Any]]:
-        """Restore from the newest committed checkpoint; `CheckpointNotFoundError` when there is none.
-
-        With `fallback_to_verified`, a newest checkpoint that fails verification is skipped (and logged)
-        in favour of the newest one that verifies."""
-        infos = self.list()
-        if not infos:
-            raise CheckpointNotFoundError(
-                f"No committed checkpoint in {self.store.root}. Start from scratch, or point output_dir at the run to resume.",
-                path=self.store.root,
-            )
-        for info in reversed(infos):
-            try:
-                meta = self.load(info, state, **kwargs)
-                return info.step, meta
-            except CheckpointCorruptError as exc:
-                if not self.args.fallback_to_verified or info is infos[0]:
-                    raise
-                logger.warning("%s failed verification (%s); falling back to the previous checkpoint.", info.name, exc)
-        raise AssertionError("unreachable")
+    def _in_store(self, info: CheckpointInfo) -> bool:
+        return info.path == self.store.location(info.name)
 
     def engine_class_for(self, name: str) -> type[CheckpointEngine]:
         try:
@@ -533,223 +391,31 @@ class CheckpointManager:
         except ValueError as exc:
             raise CheckpointError(f"The checkpoint was written by engine '{name}': {exc}") from None
 
-    def _resolve(self, checkpoint: CheckpointInfo | str | os.PathLike[str] | int | None) -> CheckpointInfo:
-        if isinstance(checkpoint, CheckpointInfo):
-            return checkpoint
-        if checkpoint is None:
-            latest = self.latest()
-            if latest is None:
-                raise CheckpointNotFoundError(f"No committed checkpoint in {self.store.root}.", path=self.store.root)
-            return latest
-        if isinstance(checkpoint, int):
-            # An explicit step is looked up even when damaged, so that loading it reports what is wrong.
-            info = self._read_info(layout.checkpoint_name(checkpoint), check_sizes=False)
-            if info is None:
-                raise CheckpointNotFoundError(
-                    f"No committed checkpoint of step {checkpoint} in {self.store.root}.", path=self.store.root, step=checkpoint
-                )
-            return info
-        return read_checkpoint_info(Path(checkpoint))
-
-    # -------------------------------------------------------------- retention
+    # ----------------------------------------------------------------- retention
 
     def prune(self, keep_last: int | None = None, keep_best: int | None = None) -> builtins.list[int]:
         """Apply a retention policy now (the CLI's `prune`); returns the deleted steps."""
-        policy = RetentionPolicy(keep_last, keep_best, self.metric_rule)
-        return self._apply_retention(policy)
+        return self._apply_retention(RetentionPolicy(keep_last, keep_best, self.metric_rule))
 
     def _apply_retention(self, policy: RetentionPolicy) -> builtins.list[int]:
-        infos = self.list()
-        candidates = [RetentionCandidate(info.step, self.metric_rule.value_in(info.metrics)) for info in infos]
-        protected = {self.resumed_from_step} if self.resumed_from_step is not None else set()
-        doomed = policy.steps_to_delete(candidates, protected)
+        listing = self.catalog.scan()
+        candidates = [RetentionCandidate(info.step, self.metric_rule.value_in(info.metrics)) for info in listing.committed]
+        candidates += [RetentionCandidate(foreign.step, None) for foreign in listing.foreign]
+        names = {info.step: info.name for info in listing.committed} | {f.step: f.name for f in listing.foreign}
+        protected = set(self.protected_steps)
+        if self.resumed_from_step is not None:
+            protected.add(self.resumed_from_step)
         deleted = []
-        for step in doomed:
+        for step in policy.steps_to_delete(candidates, protected):
             try:
-                self.store.delete(layout.checkpoint_name(step))
+                self.store.delete(names[step])
             except OSError as exc:
                 # The new checkpoint is committed; an old one that cannot be deleted costs disk space, not safety.
-                logger.error("Could not delete %s for save_total_limit/save_best_limit: %s", layout.checkpoint_name(step), exc)
+                logger.error("Could not delete %s for save_total_limit/save_best_limit: %s", names[step], exc)
                 continue
             deleted.append(step)
         return deleted
 
 
-@dataclass
-class _CommitJob:
-    """Everything after capture: engine write, manifest, publish, retention. Runs inline or in the writer thread."""
-
-    manager: CheckpointManager
-    step: int
-    epoch: float | None
-    pieces: dict[str, Any]
-    metrics: dict[str, float]
-    metadata: dict[str, Any]
-    started: float
-    written: WrittenFiles = field(default_factory=WrittenFiles)  # checksums computed while writing
-
-    def __call__(self) -> None:
-        manager = self.manager
-        collective = manager.collective
-        if collective.rank == 0:
-            manager.store.check_free_space(manager._expected_size())
-        try:
-            staging = manager.store.new_staging_dir(self.step) if collective.rank == 0 else None
-        except OSError as exc:
-            raise write_error(exc, Path(exc.filename or manager.store.root), f"start checkpoint-{self.step}") from exc
-        staging = collective.broadcast_object(staging)
-        assert staging is not None
-        try:
-            self._write_pieces(Path(staging))
-            collective.barrier()
-            if collective.rank == 0:
-                self._seal_and_publish(Path(staging))
-            collective.barrier()
-        except BaseException:
-            if collective.rank == 0:
-                remove_tree_quietly(Path(staging))
-            raise
-        if collective.rank == 0:
-            manager._apply_retention(manager.retention)
-        if manager.last_save is not None and manager.last_save.step == self.step:
-            manager.last_save.total_seconds = time.perf_counter() - self.started
-
-    def _write_pieces(self, staging: Path) -> None:
-        collective = self.manager.collective
-        engine = self.manager.engine_class(rank=collective.rank, world_size=collective.world_size)
-        engine.process_group = getattr(collective, "group", None)
-        try:
-            with recording(self.written):
-                engine.create(str(staging))
-                for relpath, state in self.pieces.items():
-                    if collective.rank == 0 or relpath.startswith(RNG_STATE) or engine.writes_on_every_rank:
-                        engine.save(state, relpath)
-                engine.commit(str(staging))
-        except OSError as exc:
-            failed = Path(exc.filename) if exc.filename else staging
-            raise write_error(exc, failed, f"write checkpoint-{self.step}") from exc
-
-    def _seal_and_publish(self, staging: Path) -> None:
-        manager = self.manager
-        try:
-            files = describe_files(staging, exclude={layout.MANIFEST_NAME}, known_checksum=self.written.checksum_of)
-            manifest = Manifest(
-                step=self.step,
-                engine=manager.engine_class.name,
-                files=files,
-                epoch=self.epoch,
-                metrics=self.metrics,
-                states=sorted(_all_states(self.pieces, manager.collective.world_size)),
-                world_size=manager.collective.world_size,
-                versions=library_versions(),
-                git_commit=manager._git_commit,
-                start_time=manager._start_time,
-                user_metadata=self.metadata,
-            )
-            write_bytes_durably(staging / layout.MANIFEST_NAME, manifest.to_json())
-        except OSError as exc:
-            raise write_error(exc, staging, f"seal checkpoint-{self.step}") from exc
-        manager.store.publish(staging, layout.checkpoint_name(self.step))
-        if manager.last_save is not None and manager.last_save.step == self.step:
-            manager.last_save.bytes_written = manifest.total_size
-
-
-def read_checkpoint_info(directory: Path) -> CheckpointInfo:
-    """The info of the committed checkpoint in folder `directory`."""
-    manifest_path = directory / layout.MANIFEST_NAME
-    try:
-        data = manifest_path.read_bytes()
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(
-            f"{directory}: no {layout.MANIFEST_NAME}, so it is not a committed checkpoint (an interrupted save, or "
-            "written by another tool). Use a checkpoint listed by `ckpt-callbacks list`.",
-            path=str(directory),
-        ) from None
-    except OSError as exc:
-        raise CheckpointNotFoundError(f"{directory}: cannot read the manifest ({exc}).", path=str(directory)) from None
-    return _info(parse_manifest(data, source=str(manifest_path)), str(directory))
-
-
-def make_store(output_dir: str) -> CheckpointStore:
-    """A `LocalStore` for paths, a remote store for fsspec URLs (`s3://`, `memory://`, ...)."""
-    if "://" in output_dir and not output_dir.startswith("file://"):
-        from ckpt_callbacks.core.storage.remote import FsspecStore
-
-        return FsspecStore(output_dir)
-    return LocalStore(output_dir.removeprefix("file://"))
-
-
-def _run_plans(plans: list[StagingPlan]) -> None:
-    for plan in plans:
-        plan.run()
-
-
-def _info(manifest: Manifest, location: str) -> CheckpointInfo:
-    return CheckpointInfo(step=manifest.step, path=location, epoch=manifest.epoch, metrics=dict(manifest.metrics),
-                          engine=manifest.engine, save_time=manifest.save_time, size=manifest.total_size, manifest=manifest)
-
-
-def _all_states(pieces: Mapping[str, Any], world_size: int) -> set[str]:
-    names = set(pieces)
-    if world_size > 1 and any(name.startswith(f"{RNG_STATE}_") for name in names):
-        names |= {f"{RNG_STATE}_{rank}" for rank in range(world_size)}
-    return names
-
-
-def _read_while_verifying(
-    engine: CheckpointEngine, directory: Path, manifest: Manifest, mode: str, state: Mapping[str, Any],
-    relpaths: Mapping[str, str], map_location: Any,
-) -> dict[str, Any]:
-    """Verify the checkpoint's files on a second thread while the engine reads ahead what it can without
-    touching the live objects; raise the first problem before anything is restored.
-
-    Why: a resume of a 124M GPT-2 spends 0.2 s putting the optimizer state in fresh memory and 0.05 s
-    hashing 1.49 GB; on two cores the two overlap. Nothing live changes before the verdict."""
-    verification = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-verify")
-    problems = verification.submit(find_problems, directory, manifest, mode)
-    verification.shutdown(wait=False)
-    try:
-        read = {key: engine.read_ahead(relpaths[key], target, map_location) for key, target in state.items()}
-    except BaseException:
-        for problem in problems.result():
-            raise problem from None  # a damaged file explains a failed read better than the read's own error
-        raise
-    for problem in problems.result():
-        raise problem
-    return read
-
-
-def _piece_path(key: str, name: str | None) -> str:
-    relpath = key if name is None else f"{name}/{key}"
-    parts = relpath.split("/")
-    if any(part in ("", ".", "..") or part.startswith(".") for part in parts) or relpath == layout.MANIFEST_NAME:
-        raise ValueError(f"State name {relpath!r} is not allowed: use plain names such as 'model' or 'ema'.")
-    return relpath
-
-
-def _is_number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return not isinstance(value, bool)
-
-
-def _is_path_like(value: Any) -> bool:
-    return isinstance(value, (str, os.PathLike))
-
-
 def _engine_class(engine: str | type[CheckpointEngine]) -> type[CheckpointEngine]:
     return engine if isinstance(engine, type) else get_engine_class(engine)
-
-
-def _metric_rule(args: CheckpointArguments) -> MetricRule:
-    if args.metric_for_best_model is None:
-        greater = True if args.greater_is_better is None else args.greater_is_better
-        return MetricRule(DEFAULT_SCORE_KEY, greater)
-    key = args.metric_key
-    assert key is not None
-    return MetricRule(key, args.metric_greater_is_better, aliases=(args.metric_for_best_model,))
-
-
-__all__ = ["CheckpointInfo", "CheckpointManager", "CheckpointWriteError", "SaveStats", "Transaction"]

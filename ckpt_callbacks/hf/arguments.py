@@ -1,10 +1,9 @@
 """Which flags the HF adapter runs with: the Trainer's `TrainingArguments`, overridden by the user's.
 
 `CheckpointCallback()` with no arguments checkpoints exactly as the Trainer was
-configured to; flags given to the callback win. This module also decides who
-chooses the save steps: the Trainer's own flow (when the flags agree, which
-keeps the stock timing rules, final-step save included) or the core's
-`SavePolicy` (when the user overrode the strategy).
+configured to; flags given to the callback win. Whether the Trainer's own
+schedule or the core's policy then decides when to save is the run
+controller's call (`core/run.py`), from both sets of flags.
 """
 
 from __future__ import annotations
@@ -13,7 +12,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ckpt_callbacks.config import CheckpointArguments, infer_greater_is_better, normalize_metric_name
+from ckpt_callbacks.config import CheckpointArguments
+from ckpt_callbacks.core.save.policy import timing_of
 
 # The save flags TrainingArguments has under the same name and meaning.
 TRAINER_FLAGS = (
@@ -26,6 +26,7 @@ TRAINER_FLAGS = (
     "save_only_model",
 )
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(CheckpointArguments))
+TRACKED_BY_TRAINER = ("steps", "epoch", "best")  # strategies under which the Trainer sets best_global_step
 
 
 def check_flag_names(flags: Mapping[str, Any]) -> None:
@@ -58,35 +59,23 @@ def resolve_arguments(training_args: Any, overrides: Mapping[str, Any]) -> Check
     return CheckpointArguments(**{**flags_from_training_args(training_args), **overrides})
 
 
-def policy_decides(effective: CheckpointArguments, training_args: Any) -> bool:
-    """True when the user's save timing differs from the Trainer's, so the core's SavePolicy must decide.
-
-    Raises when the Trainer's `best` strategy would overrule the policy: the stock loop sets
-    `control.should_save` from its own metric after every evaluation, after every callback has run.
-    """
-    trainer_flags = flags_from_training_args(training_args)
-    differs = _timing(vars(effective)) != _timing(trainer_flags)
-    if differs and trainer_flags["save_strategy"] == "best":
+def check_schedule_conflict(effective: CheckpointArguments, training_args: Any) -> None:
+    """Refuse flags the Trainer's `best` strategy would overrule: the stock loop sets `control.should_save` from its
+    own metric after every evaluation, after every callback has run."""
+    trainer_flags = CheckpointArguments(**flags_from_training_args(training_args))
+    if trainer_flags.save_strategy == "best" and timing_of(effective) != timing_of(trainer_flags):
         raise ValueError(
             f"TrainingArguments(save_strategy='best') decides saves after every evaluation and would overrule "
             f"CheckpointCallback(save_strategy={effective.save_strategy!r}, metric_for_best_model="
             f"{effective.metric_for_best_model!r}). Set TrainingArguments(save_strategy='no') and let the callback "
             "decide, or give both the same strategy and metric."
         )
-    return differs
 
 
-def _timing(flags: Mapping[str, Any]) -> tuple[Any, ...]:
-    """What decides at which steps a checkpoint is written."""
-    strategy = flags["save_strategy"]
-    if strategy == "steps":
-        return ("steps", float(flags["save_steps"]))
-    if strategy == "best":
-        metric = flags["metric_for_best_model"]
-        key = normalize_metric_name(metric) if metric else None
-        greater = flags["greater_is_better"]
-        return ("best", key, infer_greater_is_better(key or "loss") if greater is None else greater)
-    return (strategy,)
+def trainer_tracks_best(training_args: Any) -> bool:
+    """Whether the Trainer itself ranks checkpoints (sets `state.best_global_step`): it does with a metric under
+    the strategies that save during training."""
+    return training_args.metric_for_best_model is not None and enum_value(training_args.save_strategy) in TRACKED_BY_TRAINER
 
 
 def enum_value(value: Any) -> Any:

@@ -48,11 +48,6 @@ def shadow_save_checkpoint(trainer: Any, save: Callable[[Any, Any], None]) -> No
     setattr(trainer, SAVE_METHOD, save)
 
 
-def restore_save_checkpoint(trainer: Any) -> None:
-    """Give the Trainer its own `_save_checkpoint` back."""
-    trainer.__dict__.pop(SAVE_METHOD, None)
-
-
 def wrap_train(trainer: Any, resolve_resume: Callable[[Any], Any], on_failure: Callable[[], None]) -> None:
     """Make `trainer.train` pass its `resume_from_checkpoint` through `resolve_resume` first, and call
     `on_failure()` before an exception leaves it (then re-raise)."""
@@ -100,3 +95,23 @@ def shadow_load_optimizer_and_scheduler(trainer: Any, read_ahead: Callable[[Any]
         return None
 
     setattr(trainer, LOAD_OPTIMIZER_METHOD, load_optimizer_and_scheduler)
+
+
+def any_rank_agreement(trainer: Any) -> Callable[[tuple[bool, ...]], tuple[bool, ...]] | None:
+    """The cross-rank vote the run controller needs with several processes (None for one): each flag true on every
+    rank when it is true on any. On the training's own process group and device, from the training thread: the
+    checkpoint group may be busy with an async save."""
+    if trainer.args.world_size <= 1:
+        return None
+
+    def agree(flags: tuple[bool, ...]) -> tuple[bool, ...]:
+        import torch
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return flags
+        votes = torch.tensor([int(flag) for flag in flags], device=trainer.args.device)
+        dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+        return tuple(bool(vote) for vote in votes.tolist())
+
+    return agree

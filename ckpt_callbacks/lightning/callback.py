@@ -11,9 +11,11 @@ resumes from its output folder unless told otherwise.)
 
 What happens where:
 
-- `SavePolicy` (core) decides when; this module only reports events to it and
-  calls `trainer.save_checkpoint(.../checkpoint-{step}/checkpoint.ckpt)`, which
-  the plugin commits through the run's `CheckpointManager`.
+- The run's `RunController` (core) decides when to save, which checkpoint is
+  best, where a resume starts and what happens at the end; this module reports
+  Lightning's events to it and calls
+  `trainer.save_checkpoint(.../checkpoint-{step}/checkpoint.ckpt)`, which the
+  plugin commits through the same controller.
 - RNG state (every rank) and the data position go into this callback's
   `state_dict`, i.e. into Lightning's checkpoint dict; `SamplerResume` (core)
   replays the interrupted epoch on resume.
@@ -28,21 +30,17 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
 import sys
 import warnings
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ckpt_callbacks.config import CheckpointArguments
-from ckpt_callbacks.core.export import export_safetensors
-from ckpt_callbacks.core.format.manifest import find_problems
-from ckpt_callbacks.core.manager import CheckpointInfo, CheckpointManager
-from ckpt_callbacks.core.preemption import PreemptionFlag
-from ckpt_callbacks.core.save.policy import SavePolicy
+from ckpt_callbacks.core.manager import CheckpointManager
+from ckpt_callbacks.core.read.catalog import LAST, CheckpointInfo
+from ckpt_callbacks.core.run import ExportSource, RunController
 from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
 from ckpt_callbacks.core.state.sampler_replay import SamplerResume
 from ckpt_callbacks.lightning.plugin import (
@@ -76,22 +74,17 @@ class CheckpointCallbackLogic:
             )
         self.dirpath: str | Path = self.args.output_dir or ""
         self.filename = CHECKPOINT_FILE
-        self.preempted = False
         self._output_dir: Path | None = Path(self.args.output_dir) if self.args.output_dir else None
-        self._managers: dict[Path, CheckpointManager] = {}
+        self._runs: dict[Path, RunController] = {}
         self._trainer: Any = None
         self._plugin: CheckpointIOLogic | None = None
-        self._policy: SavePolicy | None = None
         self._data = SamplerResume()
-        self._preemption = PreemptionFlag()
         self._reset_run_state()
         _silence_misleading_lightning_warnings()
 
     def _reset_run_state(self) -> None:
         self._last_step_seen: int | None = None
-        self._deferred_save_step: int | None = None
         self._rng_before_validation: dict[str, Any] | None = None
-        self._validation_metrics: tuple[int, dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ public surface
 
@@ -106,36 +99,40 @@ class CheckpointCallbackLogic:
         return Path(root) / "checkpoints"
 
     @property
+    def run(self) -> RunController:
+        """The run controller of this run's folder."""
+        key = self.output_dir.resolve()
+        if key not in self._runs:
+            self._runs[key] = RunController(make_run_manager(self.args, self.output_dir), agree=self._agreement())
+        return self._runs[key]
+
+    @property
     def manager(self) -> CheckpointManager:
         """The core manager of this run's folder: `list()`, `latest()`, `best()`, `load(...)`."""
-        key = self.output_dir.resolve()
-        if key not in self._managers:
-            self._managers[key] = make_run_manager(self.args, self.output_dir)
-        return self._managers[key]
+        return self.run.manager
+
+    @property
+    def preempted(self) -> bool:
+        """Whether SIGTERM/SIGUSR1 stopped the last `fit` (after saving at the next step boundary)."""
+        return self.run.preempted
 
     @property
     def ckpt_path(self) -> str:
-        """The newest committed checkpoint ("" when none): what `fit(ckpt_path="last")` resumes from.
-
-        With `fallback_to_verified`, the newest one whose files pass `verify_on_load`."""
-        infos = self.manager.list()
-        if not self.args.fallback_to_verified:
-            return _checkpoint_file(infos[-1] if infos else None)
-        for info in reversed(infos):
-            problems = find_problems(Path(info.path), info.manifest, self.args.verify_on_load)
-            if not problems:
-                return _checkpoint_file(info)
-            logger.warning("Not resuming from %s: %s", info.name, problems[0])
-        return ""
+        """The checkpoint `fit(ckpt_path="last")` resumes from ("" when there is none): the newest one; when it is
+        damaged, an error naming the file, unless `fallback_to_verified` asked for the newest one that passes."""
+        verify = self.args.verify_on_load if self.args.fallback_to_verified else "size"
+        try:
+            folder = self.run.resume_path(LAST, verify=verify)
+        except FileNotFoundError:
+            return ""
+        return os.path.join(folder, CHECKPOINT_FILE)
 
     @property
     def exit_code(self) -> int:
         """0, or 128 + the signal number after a preemption stop (`preempted`): end the script with
         `sys.exit(callback.exit_code)` so a scheduler sees an unfinished run (`fit()` itself returns normally).
         A rank that stopped because another rank was signalled reports SIGTERM."""
-        if not self.preempted:
-            return 0
-        return self._preemption.exit_code or 128 + signal.SIGTERM
+        return self.run.exit_code
 
     @property
     def last_model_path(self) -> str:
@@ -162,11 +159,8 @@ class CheckpointCallbackLogic:
             self._output_dir = Path(trainer.default_root_dir) / "checkpoints"
             self.dirpath = str(self._output_dir)
         self._reset_run_state()
-        self.preempted = False
-        self._preemption = PreemptionFlag()
         self._plugin = _find_plugin(trainer)
-        self._plugin.register_run(self.manager)
-        self._policy = SavePolicy(self.args, self.manager.best_tracker)
+        self._plugin.register_run(self.run)
         # A DataLoader passed to fit() exists now, before the checkpoint is restored and before any iterator:
         # the only moment at which wrapping it works for every num_workers.
         loader = getattr(getattr(trainer.fit_loop, "_data_source", None), "instance", None)
@@ -193,19 +187,14 @@ class CheckpointCallbackLogic:
         self._data.before_iterator()
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        assert self._policy is not None
         self._attach_late(trainer)
         self._data.batches_per_epoch = _finite_int(trainer.num_training_batches)
         resumed = self._data.resuming
         self._data.after_iterator()
-        self._policy.set_max_steps(_max_steps(trainer))
         self._last_step_seen = trainer.global_step
-        if resumed:
-            self._policy.record_save(trainer.global_step)  # the step resumed from is saved already
-        if self.args.save_on_signal:
-            # After Lightning installed its own handlers (it does so after on_fit_start): ours replace them for
-            # the training, so SIGTERM means "save at the next step, then return from fit" instead of an exception.
-            self._preemption.install()
+        # After Lightning installed its own handlers (it does so after on_fit_start): ours replace them for the
+        # training, so SIGTERM means "save at the next step, then return from fit" instead of an exception.
+        self.run.begin(max_steps=_max_steps(trainer), step=trainer.global_step, resumed=resumed)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         # Resuming from a checkpoint taken after the epoch's last batch (in on_validation_end), Lightning finishes
@@ -217,86 +206,75 @@ class CheckpointCallbackLogic:
         self._data.finish()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        assert self._policy is not None
         self._rng_before_validation = capture_rng_state()
         step = trainer.global_step
         if step == self._last_step_seen:
             return  # accumulating gradients: no optimizer step ended
         self._last_step_seen = step
-        self._flush_deferred_save(trainer)
-        stop = self._preemption_requested(trainer)
-        if stop or self._step_save_due(trainer, step):
-            if _validation_follows(trainer):
-                # Save after that validation: the checkpoint then records its metrics, and (on an epoch's last
-                # batch) a resume does not replay a validation the stopped run never ran. A preemption save
-                # waits for it too: saved before it, the resume of a stop on an epoch's last batch was inexact.
-                self._deferred_save_step = step
-            else:
-                self._save(trainer)
-        if stop:
-            self.preempted = True
+        if self.run.flush_deferred():
+            self._save(trainer)
+        decision = self.run.step_ended(step, validation_follows=_validation_follows(trainer))
+        if decision.save:
+            self._save(trainer)
+        if decision.stop:
             trainer.should_stop = True
-            logger.warning("Preemption signal received: saving checkpoint-%d, stopping.", step)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or not _fitting(trainer) or self._policy is None:
+        if trainer.sanity_checking or not _fitting(trainer) or self._plugin is None:
             return
         if self._rng_before_validation is not None:
             restore_rng_state(self._rng_before_validation)
-        step = trainer.global_step
-        metrics = _numeric_metrics(trainer.callback_metrics)
-        self._validation_metrics = (step, metrics)
-        if self._policy.on_evaluate(metrics, step) or self._deferred_save_step == step:
+        if self.run.evaluated(trainer.global_step, trainer.callback_metrics):
             self._save(trainer)
-        self._deferred_save_step = None
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        assert self._policy is not None
-        self._flush_deferred_save(trainer)
-        if self._policy.on_epoch_end():
+        if self.run.flush_deferred():
+            self._save(trainer)
+        if self.run.epoch_ended():
             self._save(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        assert self._policy is not None
-        self._flush_deferred_save(trainer)
-        if self._policy.on_train_end(trainer.global_step):
+        if self.run.flush_deferred():
+            self._save(trainer)
+        if self.run.train_ended(trainer.global_step):
             self._save(trainer)
         self.manager.wait()  # surface a failed background write now, and let best_model_path see every save
         trainer.strategy.barrier("ckpt_callbacks.on_train_end")
-        if self.preempted:
-            return  # the run is unfinished: it will resume from the checkpoint just saved, not be exported
-        if self.args.load_best_model_at_end:
-            self._load_best_weights(trainer)
-        if self.args.export_at_end and trainer.is_global_zero:
-            self._export(pl_module)
+        load_best = {CHECKPOINT_FILE: _ModelInTrainer(trainer)} if self.args.load_best_model_at_end else None
+        model, pretrained = exportable_model(pl_module)
+        export = ExportSource(state_dict=model.state_dict, pretrained_objects=pretrained)
+        self.run.end(load_best_into=load_best, export=export, is_exporting_rank=trainer.is_global_zero)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         # OnExceptionCheckpoint would save here; a checkpoint taken mid-failure is not trusted for resume.
-        self._preemption.uninstall()
+        self.run.preemption.uninstall()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         # OnExceptionCheckpoint would delete ckpt_path (our newest checkpoint) here.
-        self._preemption.uninstall()
+        self.run.preemption.uninstall()
 
     # ------------------------------------------------------------------ internals
 
     def _save(self, trainer: Any) -> None:
-        assert self._policy is not None and self._plugin is not None
+        assert self._plugin is not None
         step = trainer.global_step
-        if self._policy.last_saved_step == step:
+        if self.run.policy.last_saved_step == step:
             return
         path = committed_checkpoint_path(self.output_dir, step)
-        fresh = self._validation_metrics
-        metrics = fresh[1] if fresh is not None and fresh[0] == step else {}
-        self._plugin.expect_save(path, epoch=_fractional_epoch(trainer), metrics=metrics)
+        self._plugin.expect_save(path, epoch=_fractional_epoch(trainer))
         trainer.save_checkpoint(path, weights_only=self.args.save_only_model)
-        self._policy.record_save(step)
+        self.run.saved(step)  # every rank: Lightning writes on rank 0 only, but all ranks must agree what is saved
 
-    def _flush_deferred_save(self, trainer: Any) -> None:
-        """A save waiting for a validation that did not come (Lightning skipped it): do it now."""
-        if self._deferred_save_step is not None:
-            self._deferred_save_step = None
-            self._save(trainer)
+    def _agreement(self) -> Any:
+        """Lightning's cross-rank vote for the run controller: any rank's flag counts for all."""
+
+        def agree(flags: tuple[bool, ...]) -> tuple[bool, ...]:
+            trainer = self._trainer
+            if trainer is None or trainer.world_size <= 1:
+                return flags
+            return tuple(bool(trainer.strategy.reduce_boolean_decision(flag, all=False)) for flag in flags)
+
+        return agree
 
     def _attach_late(self, trainer: Any) -> None:
         """Loaders from `train_dataloader()` or a DataModule (or re-created for a distributed sampler) exist only
@@ -313,34 +291,19 @@ class CheckpointCallbackLogic:
             self._data.before_iterator()
             _recreate_train_iterator(trainer)
 
-    def _step_save_due(self, trainer: Any, step: int) -> bool:
-        assert self._policy is not None
-        due = self._policy.on_step_end(step)
-        if trainer.world_size > 1 and self.args.save_time_interval is not None:
-            # Clocks differ between processes and Lightning's save is collective: every rank must agree.
-            due = trainer.strategy.reduce_boolean_decision(due, all=False)
-        return bool(due)
 
-    def _preemption_requested(self, trainer: Any) -> bool:
-        requested = self._preemption.requested
-        if trainer.world_size > 1:
-            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
-        return bool(requested)
+class _ModelInTrainer:
+    """The Lightning model as `CheckpointManager.load` restores it: from the `state_dict` of a checkpoint dict,
+    through the strategy (which knows how the module is wrapped)."""
 
-    def _load_best_weights(self, trainer: Any) -> None:
-        best = self.manager.best()
-        if best is None:
-            logger.warning("load_best_model_at_end: no checkpoint has %s; keeping the final weights.",
-                           self.manager.metric_rule.key)
-            return
-        meta = self.manager.load(best, {CHECKPOINT_FILE: None}, restore_rng=False)
-        trainer.strategy.load_model_state_dict(meta["state"][CHECKPOINT_FILE], strict=True)
+    def __init__(self, trainer: Any) -> None:
+        self._trainer = trainer
 
-    def _export(self, pl_module: Any) -> None:
-        model, pretrained_objects = exportable_model(pl_module)
-        export_dir = self.args.export_dir or str(self.output_dir / "export")
-        export_safetensors(model.state_dict(), export_dir, max_shard_size=self.args.max_shard_bytes,
-                           pretrained_objects=pretrained_objects)
+    def state_dict(self) -> dict[str, Any]:
+        return {"state_dict": self._trainer.lightning_module.state_dict()}
+
+    def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
+        self._trainer.strategy.load_model_state_dict(checkpoint, strict=True)
 
 
 def exportable_model(pl_module: torch.nn.Module) -> tuple[torch.nn.Module, list[Any]]:
@@ -484,13 +447,3 @@ def _validation_follows(trainer: Any) -> bool:
         return bool(epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
     except (AttributeError, TypeError):  # a Lightning version without these internals: save at once instead
         return False
-
-
-def _numeric_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    numeric = {}
-    for name, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            numeric[str(name)] = float(value.item())
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            numeric[str(name)] = float(value)
-    return numeric

@@ -6,12 +6,14 @@
 
 Two kinds of paths arrive here:
 
-- `{run}/checkpoint-{step}/{file}` (what `CheckpointCallback` asks for) goes to
-  the run's `CheckpointManager`: a staged folder with `manifest.json`,
+- `{run}/checkpoint-{step}/checkpoint.ckpt` (what `CheckpointCallback` asks
+  for) goes to the run's `RunController`: a staged folder with `manifest.json`,
   committed by rename, retention applied, asynchronous when configured. The
   file inside is one plain torch zip, so stock loaders read the path as is.
 - any other path (stock `ModelCheckpoint`, `trainer.save_checkpoint("x.ckpt")`)
-  stays a single file, written atomically with a sidecar manifest.
+  stays a single file, written atomically with its manifest inside it, and
+  complete when `save_checkpoint` returns, exactly as with `TorchCheckpointIO`
+  (`ModelCheckpoint` looks at the file system right after a save).
 
 Loading verifies first and always uses `torch.load(weights_only=True)`.
 """
@@ -20,20 +22,22 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.distributed.collective import SingleProcess
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.single_file import SingleFileWriter, load_torch_file
+from ckpt_callbacks.core.format.single_file import load_torch_file, remove_file, save_torch_file
 from ckpt_callbacks.core.manager import CheckpointManager
 from ckpt_callbacks.errors import CheckpointError
 
+if TYPE_CHECKING:
+    from ckpt_callbacks.core.run import RunController
+
 logger = logging.getLogger("ckpt_callbacks")
 
-CHECKPOINT_FILE = "checkpoint.ckpt"
+CHECKPOINT_FILE = layout.LIGHTNING_CHECKPOINT_FILE
 ENGINE = "torch"
 
 
@@ -62,36 +66,39 @@ def make_run_manager(args: CheckpointArguments, output_dir: str | os.PathLike[st
 
 
 class CheckpointIOLogic:
-    """Atomic, verified, optionally asynchronous `CheckpointIO` (both the 2.5 and 2.6 signatures).
+    """Atomic, verified `CheckpointIO` (both the 2.5 and 2.6 signatures), asynchronous for the saves a
+    `CheckpointCallback` schedules.
 
     Args:
-        args: `async_save` and `verify_on_load` apply to every path; the rest (retention, metric) to run folders
+        args: `verify_on_load` applies to every path; `async_save` and the rest (retention, metric) to run folders
             that no `CheckpointCallback` registered. A callback's own arguments govern its run folder.
     """
 
     def __init__(self, args: CheckpointArguments | None = None, **overrides: Any) -> None:
         args = args if args is not None else CheckpointArguments()
         self.args = args.replace(**overrides) if overrides else args
-        self._runs: dict[Path, CheckpointManager] = {}
-        self._files = SingleFileWriter(async_save=self.args.async_save)
-        self._expected: dict[str, tuple[float | None, dict[str, float]]] = {}
+        self._runs: dict[Path, RunController] = {}
+        self._managers: dict[Path, CheckpointManager] = {}  # run folders no callback registered
+        self._expected_epoch: dict[str, float | None] = {}
 
-    def register_run(self, manager: CheckpointManager) -> None:
-        """Route saves into `manager`'s folder through `manager` (its retention, metric and async settings)."""
-        self._runs[_run_key(manager.store.root)] = manager
+    def register_run(self, run: RunController) -> None:
+        """Route saves into `run`'s folder through `run` (its retention, metric and async settings)."""
+        self._runs[_run_key(run.manager.store.root)] = run
 
-    def expect_save(self, path: str | os.PathLike[str], *, epoch: float | None, metrics: Mapping[str, float]) -> None:
-        """What the manifest of the coming save to `path` should record (Lightning's dict has no metrics).
+    def expect_save(self, path: str | os.PathLike[str], *, epoch: float | None) -> None:
+        """The (fractional) epoch the manifest of the coming save to `path` records (Lightning's dict rounds it).
 
         Lightning calls `save_checkpoint` on global rank 0 only; on other ranks the note is simply replaced by
         the next one."""
-        self._expected = {os.path.normpath(os.fspath(path)): (epoch, dict(metrics))}
+        self._expected_epoch = {os.path.normpath(os.fspath(path)): epoch}
 
     def run_manager(self, output_dir: str | os.PathLike[str]) -> CheckpointManager:
         key = _run_key(output_dir)
-        if key not in self._runs:
-            self._runs[key] = make_run_manager(self.args, output_dir)
-        return self._runs[key]
+        if key in self._runs:
+            return self._runs[key].manager
+        if key not in self._managers:
+            self._managers[key] = make_run_manager(self.args, output_dir)
+        return self._managers[key]
 
     # ------------------------------------------------------------------ CheckpointIO
 
@@ -103,25 +110,28 @@ class CheckpointIOLogic:
             )
         _refuse_remote(path)
         step = int(checkpoint.get("global_step", 0))
-        epoch, metrics = self._expected.pop(os.path.normpath(os.fspath(path)), (_epoch_of(checkpoint), {}))
+        epoch = self._expected_epoch.pop(os.path.normpath(os.fspath(path)), _epoch_of(checkpoint))
         committed = parse_committed_path(path)
         if committed is None:
-            self._files.save(checkpoint, path, step=step, epoch=epoch, metrics=metrics)
+            save_torch_file(checkpoint, path, step=step, epoch=epoch)
             return
         run_dir, step, name = committed
-        self.run_manager(run_dir).save(step, {name: checkpoint}, metrics=metrics, epoch=epoch)
+        run = self._runs.get(_run_key(run_dir))
+        if run is not None:
+            run.save(step, {name: checkpoint}, epoch=epoch, capture_rng=False)  # RNG is in Lightning's dict
+        else:
+            self.run_manager(run_dir).save(step, {name: checkpoint}, epoch=epoch, capture_rng=False)
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         # Lightning 2.5 passes (path, map_location); 2.6 adds weights_only. Either way only tensors and plain values
-        # are loaded (SPEC: loading never executes code from a checkpoint), so weights_only=False is not honoured.
+        # are loaded (loading never executes code from a checkpoint), so weights_only=False is not honoured.
         _refuse_remote(path)
         committed = parse_committed_path(path)
         if committed is not None and (committed[0] / layout.checkpoint_name(committed[1]) / layout.MANIFEST_NAME).is_file():
             loaded = self._load_committed(*committed, map_location=map_location)
         else:
-            self._files.wait()  # the file may still be in this process's write queue (the tuner saves then loads)
             loaded = load_torch_file(path, verify=self.args.verify_on_load, map_location=map_location)
         if not isinstance(loaded, dict):
             raise CheckpointError(f"{path}: holds a {type(loaded).__name__}, not a Lightning checkpoint dict.",
@@ -131,10 +141,10 @@ class CheckpointIOLogic:
     def remove_checkpoint(self, path: Any) -> None:
         committed = parse_committed_path(path)
         if committed is None:
-            self._files.remove(path)
+            remove_file(path)
             return
         run_dir, step, _ = committed
-        _delete_committed(self.run_manager(run_dir), step)
+        self.run_manager(run_dir).delete(step)
 
     def teardown(self) -> None:
         """Flush every pending write and release the run folders; raise the first failure.
@@ -143,10 +153,10 @@ class CheckpointIOLogic:
         lazily, so that is fine.
         """
         errors: list[BaseException] = []
-        closers = [self._files.close, *(manager.close for manager in self._runs.values())]
-        for close in closers:
+        managers = [run.manager for run in self._runs.values()] + list(self._managers.values())
+        for manager in managers:
             try:
-                close()
+                manager.close()
             except BaseException as exc:  # every writer must be flushed before the first failure is raised
                 errors.append(exc)
         if errors:
@@ -162,12 +172,6 @@ class CheckpointIOLogic:
         return meta["state"][name]
 
 
-def _delete_committed(manager: CheckpointManager, step: int) -> None:
-    manager.wait()  # never delete underneath a write still in flight
-    if any(info.step == step for info in manager.list()):
-        manager.store.delete(layout.checkpoint_name(step))
-
-
 def _run_key(output_dir: str | os.PathLike[str]) -> Path:
     return Path(output_dir).resolve()
 
@@ -181,6 +185,6 @@ def _refuse_remote(path: Any) -> None:
         )
 
 
-def _epoch_of(checkpoint: Mapping[str, Any]) -> float | None:
+def _epoch_of(checkpoint: dict[str, Any]) -> float | None:
     epoch = checkpoint.get("epoch")
     return None if epoch is None else float(epoch)

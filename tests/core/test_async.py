@@ -25,8 +25,9 @@ from ckpt_callbacks import CheckpointArguments, CheckpointError, CheckpointManag
 from ckpt_callbacks.core.format import manifest as manifest_module
 from ckpt_callbacks.core.format import safetensors_io
 from ckpt_callbacks.core.format.engines.safetensors_engine import SafetensorsEngine
-from ckpt_callbacks.core.format.manifest import find_problems, parse_manifest
+from ckpt_callbacks.core.format.manifest import parse_manifest
 from ckpt_callbacks.core.format.safetensors_io import write_safetensors
+from ckpt_callbacks.core.read.verify import find_problems
 from ckpt_callbacks.core.save.staging import HostStager, StagingPlan
 from ckpt_callbacks.errors import CheckpointWriteError
 
@@ -369,8 +370,8 @@ def test_prepared_staging_buffers_are_the_ones_the_first_save_fills(tmp_path: Pa
     state = {"model": model, "optimizer": optimizer}
     manager = CheckpointManager(CheckpointArguments(output_dir=str(tmp_path / "prepared")))
     manager.prepare_staging(state)
-    manager._writer.wait_for_preparation()
-    stager = manager._stagers[0]
+    manager._saver._writer.wait_for_preparation()
+    stager = manager._saver._stagers[0]
     buffers_before = {key: buffer.data_ptr() for key, buffer in stager._buffers.items()}
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     state_bytes += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values())

@@ -15,7 +15,7 @@ from ckpt_callbacks import (
     CheckpointManager,
     CheckpointNotFoundError,
 )
-from ckpt_callbacks.core.format.manifest import checksum_file
+from ckpt_callbacks.core.storage.checksums import checksum_file
 
 from ..conftest import TinyNet
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
-from ckpt_callbacks.core.format.manifest import checksum_file
 from ckpt_callbacks.core.storage import direct_io
+from ckpt_callbacks.core.storage.checksums import checksum_file
 from ckpt_callbacks.core.storage.direct_io import DirectFile
 from ckpt_callbacks.core.storage.written_files import WrittenFiles, recording, write_buffers
 

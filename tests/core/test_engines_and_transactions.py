@@ -212,6 +212,7 @@ def test_misuse_raises_invalid_operation(tmp_path: Path) -> None:
     tx = manager.begin(1)
     with pytest.raises(InvalidOperationError, match="still open"):
         manager.begin(2)
+    tx.save_state({"x": torch.ones(1)})
     tx.commit()
     with pytest.raises(InvalidOperationError, match="after the checkpoint of step 1 was committed"):
         tx.save_state({"x": torch.zeros(1)})

@@ -20,7 +20,7 @@ import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import find_problems
+from ckpt_callbacks.core.read.verify import find_problems
 from ckpt_callbacks.core.storage import store as store_module
 
 STORE_OPERATIONS = ("fsync_tree", "fsync_dir", "remove_tree_quietly")

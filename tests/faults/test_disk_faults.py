@@ -14,7 +14,7 @@ import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager, CheckpointWriteError
 from ckpt_callbacks.core.format.engines.safetensors_engine import SafetensorsEngine
-from ckpt_callbacks.core.format.manifest import find_problems
+from ckpt_callbacks.core.read.verify import find_problems
 from ckpt_callbacks.core.storage.store import LocalStore
 
 from .conftest import remount_read_only
@@ -122,7 +122,7 @@ class FaultyStore(LocalStore):
 
     def publish(self, staging_dir: Path, name: str) -> None:
         if self.stage == "publish":
-            from ckpt_callbacks.core.storage.store import write_error
+            from ckpt_callbacks.core.storage.errors import write_error
 
             raise write_error(OSError(self.error, os.strerror(self.error)), self.path / name, "commit the checkpoint")
         super().publish(staging_dir, name)

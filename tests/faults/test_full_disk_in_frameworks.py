@@ -16,7 +16,7 @@ import pytest
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager, CheckpointWriteError
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import find_problems
+from ckpt_callbacks.core.read.verify import find_problems
 
 MAX_STEPS = 12
 DISK_FULL = ("No space left on device", "Not enough free space")  # the write failed, or the precheck refused it

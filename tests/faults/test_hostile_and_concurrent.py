@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointError, CheckpointManager
-from ckpt_callbacks.core.format.manifest import checksum_file, find_problems
+from ckpt_callbacks.core.read.verify import find_problems
+from ckpt_callbacks.core.storage.checksums import checksum_file
 
 REPO = Path(__file__).resolve().parents[2]
 

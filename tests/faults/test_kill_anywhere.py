@@ -21,8 +21,8 @@ import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import find_problems
 from ckpt_callbacks.core.format.safetensors_io import read_safetensors
+from ckpt_callbacks.core.read.verify import find_problems
 
 from .conftest import KillDelays
 

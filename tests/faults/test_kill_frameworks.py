@@ -24,8 +24,8 @@ import torch
 
 from ckpt_callbacks import CheckpointArguments
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import find_problems
-from ckpt_callbacks.core.manager import read_checkpoint_info
+from ckpt_callbacks.core.read.catalog import read_checkpoint_info
+from ckpt_callbacks.core.read.verify import find_problems
 from tests.faults.training_processes import TrainingProcesses
 
 from .conftest import KillDelays

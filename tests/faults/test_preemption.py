@@ -30,7 +30,7 @@ import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import find_problems
+from ckpt_callbacks.core.read.verify import find_problems
 from tests.conftest import assert_same_tensors
 from tests.faults.training_processes import TrainingProcesses
 

@@ -15,8 +15,8 @@ from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ckpt_callbacks import CheckpointCorruptError
-from ckpt_callbacks.core.format.manifest import find_problems
-from ckpt_callbacks.core.manager import read_checkpoint_info
+from ckpt_callbacks.core.read.catalog import read_checkpoint_info
+from ckpt_callbacks.core.read.verify import find_problems
 from ckpt_callbacks.hf import CheckpointCallback
 from tests.conftest import assert_same_tensors
 from tests.hf.conftest import EVAL, ScriptedMetric, assert_same_state_dicts, checkpoint_steps, make_trainer

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointCorruptError, CheckpointError, CheckpointWriteError
-from ckpt_callbacks.core.format.manifest import parse_manifest, verify_files
+from ckpt_callbacks.core.format.manifest import parse_manifest
+from ckpt_callbacks.core.read.verify import verify_files
 from tests.lightning.helpers import (
     Namespace,
     seed_everything,

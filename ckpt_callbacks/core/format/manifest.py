@@ -1,15 +1,15 @@
-"""`manifest.json`: what a checkpoint holds, and the checks that prove it is intact.
+"""`manifest.json`: what a checkpoint holds, every file with its size and checksum.
 
-Checksums use xxh3-128. Measured on this project's 2-core machine over 256 MiB
-in memory: xxh3-128 32 GB/s, zlib crc32 7 GB/s, sha256 2 GB/s, blake2b 1.4 GB/s.
-It is far faster than any disk, so hashing never becomes the bottleneck of a
-save or a verify, and 128 bits make accidental collisions irrelevant.
+Parsing is strict and bounded: a manifest larger than `MAX_MANIFEST_BYTES`,
+nested too deep, or of the wrong shape is a `CheckpointCorruptError` naming
+the file, never a traceback and never a stall, so one damaged checkpoint can
+not break listing, retention or resume of the run around it. Checking files
+against a manifest is the read side's job (`core/read/verify.py`).
 """
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -17,17 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import xxhash
-
+from ckpt_callbacks.core.storage.checksums import CHECKSUM_ALGORITHM, checksum_file
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
 
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
-CHECKSUM_ALGORITHM = "xxh3_128"
-# Each hash update releases and retakes the GIL, so chunks are large (a busy training thread delays every retake),
-# and mapped one at a time, so at most one chunk of a file is resident through the map. A multiple of mmap's
-# offset granularity.
-_READ_CHUNK = 64 * 1024 * 1024
+# Far above any real manifest (100k files take ~15 MB), far below what could stall a listing.
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -63,28 +59,6 @@ class Manifest:
         return sum(entry.size for entry in self.files)
 
 
-def checksum_file(path: Path) -> str:
-    """xxh3-128 of a file, hashed through read-only memory maps of one large chunk at a time.
-
-    Mapping the file hashes the page cache in place; reading it into a buffer first copies every byte. On the
-    project machine a warm 1 GB file took 0.045 s mapped vs 0.14 s read (f.read, 16 MiB chunks). Mapping one
-    chunk at a time keeps the mapped (resident) part of a large file to one chunk.
-    """
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        for start in range(0, size, _READ_CHUNK):
-            with mmap.mmap(f.fileno(), min(_READ_CHUNK, size - start), offset=start, access=mmap.ACCESS_READ) as chunk:
-                if hasattr(chunk, "madvise"):
-                    chunk.madvise(mmap.MADV_SEQUENTIAL)  # read ahead when the file is not cached
-                view = memoryview(chunk)
-                try:
-                    digest.update(view)
-                finally:
-                    view.release()
-    return digest.hexdigest()
-
-
 def describe_files(
     root: Path, exclude: Iterable[str] = (), known_checksum: Callable[[Path, os.stat_result], str | None] | None = None
 ) -> list[FileEntry]:
@@ -108,8 +82,20 @@ def describe_files(
 
 def parse_manifest(data: bytes, *, source: str) -> Manifest:
     """Parse and type-check manifest JSON; any problem is a `CheckpointCorruptError` naming `source`."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise CheckpointCorruptError(
+            f"{source}: manifest of {len(data)} bytes, above the limit of {MAX_MANIFEST_BYTES} bytes: not written by "
+            "this library, or damaged. Delete the checkpoint or resume from another.",
+            path=source, reason="malformed manifest",
+        )
     try:
         raw = json.loads(data)
+    except RecursionError:
+        raise CheckpointCorruptError(
+            f"{source}: manifest nested too deep to be one this library wrote (damaged or crafted). "
+            "Delete the checkpoint or resume from another.",
+            path=source, reason="malformed manifest",
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointCorruptError(
             f"{source}: manifest is not valid JSON ({exc}). The checkpoint was not committed by this library "
@@ -146,7 +132,7 @@ def parse_manifest(data: bytes, *, source: str) -> Manifest:
             format_version=version,
             checksum_algorithm=str(raw.get("checksum_algorithm", CHECKSUM_ALGORITHM)),
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as exc:
         raise CheckpointCorruptError(
             f"{source}: manifest has a missing or mistyped field ({exc!r}). Delete the checkpoint or resume from another.",
             path=source, reason="malformed manifest",
@@ -172,45 +158,27 @@ def check_relative_path(relpath: str, *, source: str) -> None:
         )
 
 
-def verify_files(checkpoint_dir: Path, manifest: Manifest, mode: str) -> None:
-    """Check every file the manifest lists; raise `CheckpointCorruptError` for the first bad one.
+def read_manifest_file(path: Path) -> Manifest:
+    """Read and parse the manifest file `path`, bounded in size; any problem (missing, a folder, unreadable,
+    too large, malformed) is a `CheckpointError` naming it: `CheckpointNotFoundError` when there is no file."""
+    from ckpt_callbacks.errors import CheckpointNotFoundError
 
-    `mode` is "checksum" (size and xxh3-128), "size", or "none".
-    """
-    for problem in find_problems(checkpoint_dir, manifest, mode):
-        raise problem
-
-
-def find_problems(checkpoint_dir: Path, manifest: Manifest, mode: str) -> list[CheckpointCorruptError]:
-    """Every bad file of a checkpoint (empty when it is intact), for reports that name them all."""
-    if mode == "none":
-        return []
-    problems = []
-    root = checkpoint_dir.resolve()
-    name = checkpoint_dir.name
-    for entry in manifest.files:
-        path = checkpoint_dir / entry.path
-        label = f"{name}/{entry.path}"
-        hint = "Re-save, or resume from an earlier checkpoint."
-        if path.is_symlink() or not path.resolve().is_relative_to(root):
-            problems.append(CheckpointCorruptError(
-                f"{label}: is a link leading outside the checkpoint; refusing to read it.",
-                path=str(path), step=manifest.step, reason="unsafe path"))
-            continue
-        if not path.is_file():
-            problems.append(CheckpointCorruptError(
-                f"{label}: missing (listed in the manifest). {hint}", path=str(path), step=manifest.step, reason="missing"))
-            continue
-        size = path.stat().st_size
-        if size != entry.size:
-            problems.append(CheckpointCorruptError(
-                f"{label}: size mismatch (expected {entry.size} bytes, found {size}): truncated or appended to. {hint}",
-                path=str(path), step=manifest.step, reason="size mismatch"))
-            continue
-        if mode == "checksum":
-            actual = checksum_file(path)
-            if actual != entry.checksum:
-                problems.append(CheckpointCorruptError(
-                    f"{label}: checksum mismatch (expected {entry.checksum[:12]}..., got {actual[:12]}...). {hint}",
-                    path=str(path), step=manifest.step, reason="checksum mismatch"))
-    return problems
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{path.parent}: no {path.name}, so it is not a committed checkpoint (an interrupted save, or written by "
+            "another tool). Use a checkpoint listed by `ckpt-callbacks list`.",
+            path=str(path.parent),
+        ) from None
+    except IsADirectoryError:
+        raise CheckpointCorruptError(f"{path}: is a folder, not a manifest file. Delete the checkpoint or resume "
+                                     "from another.", path=str(path), reason="malformed manifest") from None
+    except OSError as exc:
+        raise CheckpointCorruptError(
+            f"{path}: cannot read the manifest ({os.strerror(exc.errno) if exc.errno else exc}). Make it readable "
+            "(check its permissions), or resume from another checkpoint.",
+            path=str(path), reason="unreadable",
+        ) from None
+    return parse_manifest(data, source=str(path))

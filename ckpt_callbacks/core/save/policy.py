@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.best import BestTracker
 
+__all__ = ["SavePolicy", "timing_of"]
+
 
 class SavePolicy:
     def __init__(self, args: CheckpointArguments, best: BestTracker | None = None,
@@ -42,6 +44,10 @@ class SavePolicy:
     def saves_during_training(self) -> bool:
         """Whether any save can fall due during training: a strategy other than "no", or a time interval."""
         return self.args.save_strategy != "no" or self.args.save_time_interval is not None
+
+    def same_timing(self, other: CheckpointArguments) -> bool:
+        """Whether `other` saves at exactly the steps these flags do (strategy, interval, metric and direction)."""
+        return timing_of(self.args) == timing_of(other)
 
     def on_step_end(self, step: int) -> bool:
         """A save is due after optimizer step `step` (the `steps` strategy, the final step, or the time interval)."""
@@ -78,3 +84,12 @@ class SavePolicy:
     @property
     def last_saved_step(self) -> int | None:
         return self._last_saved_step
+
+
+def timing_of(args: CheckpointArguments) -> tuple[object, ...]:
+    """What decides at which steps a checkpoint is written."""
+    if args.save_strategy == "steps":
+        return ("steps", float(args.save_steps))
+    if args.save_strategy == "best":
+        return ("best", args.metric_key, args.metric_greater_is_better)
+    return (args.save_strategy,)

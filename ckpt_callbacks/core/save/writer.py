@@ -71,7 +71,7 @@ class BackgroundWriter:
     def submit(self, job: Callable[[], None], *, after: Future[None] | None = None) -> None:
         """Queue `job` (to start once `after`, a staging copy, succeeded), first re-raising any earlier
         failure and waiting for room."""
-        self._raise_first_failure(block_until=self.max_in_flight - 1)
+        self.raise_first_failure(block_until=self.max_in_flight - 1)
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer",
                                                 initializer=_lower_priority, initargs=(self.niceness,))
@@ -114,7 +114,7 @@ class BackgroundWriter:
         staging, self._staging = self._staging, None
         if staging is not None:
             wait_for_futures([staging])  # a failed copy fails its write job, raised just below
-        self._raise_first_failure(block_until=0)
+        self.raise_first_failure(block_until=0)
 
     def close(self) -> None:
         try:
@@ -133,7 +133,7 @@ class BackgroundWriter:
             if error is not None and error is not self._raised_early:
                 logger.error("A checkpoint write failed while the process was exiting: %s", error)
 
-    def _raise_first_failure(self, block_until: int) -> None:
+    def raise_first_failure(self, block_until: int) -> None:
         first_error: BaseException | None = None
         while self._pending and (len(self._pending) > block_until or self._pending[0].done()):
             future = self._pending.popleft()

@@ -7,12 +7,7 @@ those methods; plain dicts, tensors and numbers are stored as they are.
 
 from __future__ import annotations
 
-import os
-import platform
-import subprocess
 from collections.abc import Mapping
-from functools import lru_cache
-from importlib import metadata
 from typing import Any, Protocol, runtime_checkable
 
 from ckpt_callbacks.core.format.safetensors_io import view_key
@@ -67,30 +62,3 @@ def _load_module_state(module: Any, state: Mapping[str, Any]) -> None:
             f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected keys {list(result.unexpected_keys)[:5]}"
         )
-
-
-_REPORTED_PACKAGES = ("ckpt-callbacks", "torch", "numpy", "safetensors", "transformers", "accelerate", "lightning", "pytorch-lightning")
-
-
-@lru_cache(maxsize=1)
-def library_versions() -> dict[str, str]:
-    """Versions of Python and of the installed packages that shape a checkpoint."""
-    versions = {"python": platform.python_version()}
-    for package in _REPORTED_PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def git_commit(directory: str | None = None) -> str | None:
-    """The commit of the git work tree the process runs in, when there is one."""
-    try:
-        result = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=directory or os.getcwd(), capture_output=True, text=True, timeout=5, check=False
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    commit = result.stdout.strip()
-    return commit if result.returncode == 0 and len(commit) == 40 else None

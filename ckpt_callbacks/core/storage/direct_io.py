@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import xxhash
+
+from ckpt_callbacks.core.storage.checksums import new_digest
 
 # Module default, read at each file open: False writes every file through the page cache.
 ENABLED = True
@@ -74,7 +75,7 @@ class DirectFile:
         self.path = path
         self._direct = ENABLED and _O_DIRECT != 0
         self._fd = self._open()
-        self._digest = xxhash.xxh3_128() if hashing else None
+        self._digest = new_digest() if hashing else None
         self._size = 0
         # Every write goes through the bounce buffer, direct or not: small writes (torch.save's pickle
         # records) are gathered into large ones either way.

@@ -14,10 +14,12 @@ import errno
 import os
 import shutil
 import sys
-import uuid
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from ckpt_callbacks.core.format import layout
 
 
 def fsync_file(path: Path) -> None:
@@ -89,21 +91,72 @@ def _renameat2() -> Any:
     return function
 
 
+def write_file_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Create or replace the file `path` with what `write(f)` writes, so readers see the old file or the whole new
+    one: written under a staging name in the same folder (same file system, so the rename is atomic), fsynced,
+    renamed over `path`, and the folder fsynced. On any error the staging file is removed and `path` is untouched.
+
+    Example:
+        >>> write_file_atomically(Path("run/last.ckpt"), lambda f: torch.save(state, f))
+    """
+    staging = path.with_name(layout.staging_name_for(path.name))
+    try:
+        with open(staging, "w+b") as f:  # readable too: a writer may append to what it wrote (a zip record)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        unlink_quietly(staging)
+        raise
+    fsync_dir(path.parent)
+
+
 def write_bytes_durably(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary sibling and a rename, fsyncing both.
+    """`write_file_atomically` with the bytes `data`.
 
     Example:
         >>> write_bytes_durably(Path("run/manifest.json"), b"{}")
     """
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    write_file_atomically(path, lambda f: f.write(data))
+
+
+def replace_folder(staging: Path, target: Path) -> Path | None:
+    """Put the complete folder `staging` in place of `target` (which may not exist), atomically for readers.
+
+    Returns the hidden name the old `target` now has (to delete), or None when there was none. Where two names can
+    be exchanged atomically (Linux), `target` exists at every instant; elsewhere the old folder is moved aside first,
+    and a crash between the two renames leaves the old one under its trash name. The caller decides whether
+    `target` may be replaced at all: this function replaces whatever is there.
+    """
+    if not target.exists():
+        os.replace(staging, target)
+        fsync_dir(target.parent)
+        return None
+    if exchange_paths(staging, target):
+        fsync_dir(target.parent)
+        return staging
+    trash = target.with_name(layout.trash_name(target.name))
+    os.replace(target, trash)
+    os.replace(staging, target)
+    fsync_dir(target.parent)
+    return trash
+
+
+def delete_tree(path: Path) -> None:
+    """Delete a folder that is already invisible to readers (a trash or staging name); raise the first OS error,
+    leaving what could not be deleted under its hidden name (the next writer retries)."""
+    shutil.rmtree(path)
 
 
 def remove_tree_quietly(path: Path) -> None:
-    """Delete a folder that is already invisible to readers (a trash or staging name)."""
+    """`delete_tree` that ignores errors, for cleanup after another failure (that failure is the one to report)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def unlink_quietly(path: Path) -> None:
+    """Remove a staging file after a failed write; a missing file or an error is not worth reporting."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass

@@ -5,6 +5,11 @@ a checkpoint is staged in a local folder, every data file is uploaded, and
 `manifest.json` is uploaded last. Readers (`list`, `latest`, `load`) trust only
 checkpoints whose manifest exists and whose files match it, so an interrupted
 upload is invisible. Deletion removes the manifest first for the same reason.
+
+An upload first writes a marker object (`layout.UPLOAD_MARKER`) and removes it after
+the manifest: a `checkpoint-{step}` prefix that holds the marker and no
+manifest is an interrupted upload of this library, which the next writer
+removes; any other prefix without a manifest is left alone.
 """
 
 from __future__ import annotations
@@ -17,10 +22,12 @@ from typing import Any
 import fsspec
 
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import Manifest
+from ckpt_callbacks.core.format.manifest import MAX_MANIFEST_BYTES, Manifest
 from ckpt_callbacks.core.storage.durable import remove_tree_quietly
 from ckpt_callbacks.core.storage.store import CheckpointStore
-from ckpt_callbacks.errors import CheckpointWriteError
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointWriteError
+
+__all__ = ["FsspecStore"]
 
 
 class FsspecStore(CheckpointStore):
@@ -42,18 +49,27 @@ class FsspecStore(CheckpointStore):
 
     def read_manifest(self, name: str) -> bytes | None:
         try:
-            return bytes(self.fs.cat_file(self._remote(name, layout.MANIFEST_NAME)))
+            return bytes(self.fs.cat_file(self._remote(name, layout.MANIFEST_NAME), start=0, end=MAX_MANIFEST_BYTES + 1))
         except FileNotFoundError:
             return None
 
-    def sizes_match(self, name: str, manifest: Manifest) -> bool:
+    def size_problems(self, name: str, manifest: Manifest) -> list[CheckpointCorruptError]:
         try:
             found = self.fs.find(self._remote(name), detail=True, withdirs=False)
         except FileNotFoundError:
-            return False
+            found = {}
         prefix = self._remote(name) + "/"
         sizes = {str(path).removeprefix(prefix): int(info["size"]) for path, info in found.items()}
-        return all(sizes.get(entry.path) == entry.size for entry in manifest.files)
+        problems = []
+        for entry in manifest.files:
+            size = sizes.get(entry.path)
+            if size != entry.size:
+                what = "missing" if size is None else f"size mismatch (expected {entry.size} bytes, found {size})"
+                problems.append(CheckpointCorruptError(
+                    f"{self.root}/{name}/{entry.path}: {what}. Re-save, or resume from an earlier checkpoint.",
+                    path=f"{self.root}/{name}/{entry.path}", step=manifest.step,
+                    reason="missing" if size is None else "size mismatch"))
+        return problems
 
     def new_staging_dir(self, step: int) -> Path:
         staging = self._cache / layout.staging_name(step)
@@ -65,10 +81,12 @@ class FsspecStore(CheckpointStore):
             self.delete(name)  # re-saving a step: retire the old one first, invisibly
         files = sorted(p for p in staging_dir.rglob("*") if p.is_file() and p.name != layout.MANIFEST_NAME)
         try:
+            self.fs.pipe_file(self._remote(name, layout.UPLOAD_MARKER), b"")
             for path in files:
                 self.fs.put_file(str(path), self._remote(name, path.relative_to(staging_dir).as_posix()))
             # The manifest goes last: its arrival is the commit.
             self.fs.put_file(str(staging_dir / layout.MANIFEST_NAME), self._remote(name, layout.MANIFEST_NAME))
+            self.fs.rm_file(self._remote(name, layout.UPLOAD_MARKER))
         except OSError as exc:
             raise CheckpointWriteError(
                 f"Could not upload {name} to {self.root}: {exc}. The partial upload has no manifest, so it is "
@@ -107,10 +125,13 @@ class FsspecStore(CheckpointStore):
         return local
 
     def clean_leftovers(self) -> list[str]:
-        """Remove interrupted uploads: `checkpoint-*` prefixes that never received their manifest."""
+        """Remove interrupted uploads of this library: `checkpoint-*` prefixes with the upload marker and no
+        manifest (what the next upload of the same step would also replace)."""
         removed = []
         for name in self.list_names():
-            if layout.parse_checkpoint_step(name) is not None and self.read_manifest(name) is None:
+            if layout.parse_checkpoint_step(name) is None or self.read_manifest(name) is not None:
+                continue
+            if self.fs.exists(self._remote(name, layout.UPLOAD_MARKER)):
                 self.fs.rm(self._remote(name), recursive=True)
                 removed.append(name)
         for leftover in self._cache.glob(f"{layout.STAGING_PREFIX}*"):

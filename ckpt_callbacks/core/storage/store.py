@@ -2,14 +2,21 @@
 
 `LocalStore` stages inside the run folder (same file system) and publishes with
 one atomic rename after fsyncing every file and folder. A store without atomic
-rename (object stores, see `remote_store.py`) publishes by uploading every file
-and the manifest last: readers trust only manifest-complete checkpoints, so
-the effect is the same.
+rename (object stores, see `remote.py`) publishes by uploading every file and
+the manifest last: readers trust only manifest-complete checkpoints, so the
+effect is the same.
+
+Deleting is rename-then-remove: a checkpoint vanishes for readers in one
+rename to a hidden trash name, then its files go. A trash folder that could not
+be removed (a permission problem, a busy file system) stays under its hidden
+name, is logged, reported by `ckpt-callbacks list`/`verify`, and retried by the
+next writer. Nothing outside the store's own names (`checkpoint-{step}`, the
+staging and trash names, the lock) is ever deleted or renamed here.
 """
 
 from __future__ import annotations
 
-import errno
+import logging
 import os
 import shutil
 from abc import ABC, abstractmethod
@@ -17,9 +24,15 @@ from pathlib import Path
 from typing import IO, Any
 
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import Manifest, find_problems
-from ckpt_callbacks.core.storage.durable import exchange_paths, fsync_dir, fsync_tree, remove_tree_quietly
-from ckpt_callbacks.errors import CheckpointError, CheckpointWriteError
+from ckpt_callbacks.core.format.manifest import MAX_MANIFEST_BYTES, Manifest
+from ckpt_callbacks.core.read.verify import find_problems
+from ckpt_callbacks.core.storage.durable import delete_tree, fsync_dir, fsync_tree, replace_folder
+from ckpt_callbacks.core.storage.errors import write_error
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError
+
+__all__ = ["CheckpointStore", "LocalStore", "make_store"]
+
+logger = logging.getLogger("ckpt_callbacks")
 
 
 class CheckpointStore(ABC):
@@ -33,7 +46,8 @@ class CheckpointStore(ABC):
 
     @abstractmethod
     def read_manifest(self, name: str) -> bytes | None:
-        """The manifest bytes of checkpoint `name`, or None when it has none (not committed)."""
+        """The manifest bytes of checkpoint `name`, or None when it has none (not committed). Bounded by
+        `MAX_MANIFEST_BYTES`: a larger one is returned cut there, which parsing then refuses."""
 
     @abstractmethod
     def new_staging_dir(self, step: int) -> Path:
@@ -52,8 +66,12 @@ class CheckpointStore(ABC):
         """A local folder holding checkpoint `name`'s files (downloaded first for remote stores)."""
 
     @abstractmethod
-    def sizes_match(self, name: str, manifest: Manifest) -> bool:
-        """Whether every file the manifest lists exists with its recorded size (cheap: no reading)."""
+    def size_problems(self, name: str, manifest: Manifest) -> list[CheckpointCorruptError]:
+        """Files the manifest lists that are missing or of the wrong size (cheap: nothing is read)."""
+
+    def location(self, name: str) -> str:
+        """Where checkpoint `name` is, as users see it (a local path, or a URL)."""
+        return f"{self.root.rstrip('/')}/{name}"
 
     def clean_leftovers(self) -> list[str]:
         """Delete staging and trash folders of earlier, interrupted writers; return their names."""
@@ -78,67 +96,86 @@ class LocalStore(CheckpointStore):
     def list_names(self) -> list[str]:
         try:
             return sorted(os.listdir(self.path))
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return []
+        except OSError as exc:
+            raise CheckpointError(f"{self.path}: cannot list the run folder ({os.strerror(exc.errno or 0)}). "
+                                  "Make it readable, or check the path.", path=self.root) from None
 
     def read_manifest(self, name: str) -> bytes | None:
+        path = self.path / name / layout.MANIFEST_NAME
         try:
-            return (self.path / name / layout.MANIFEST_NAME).read_bytes()
+            with open(path, "rb") as f:
+                return f.read(MAX_MANIFEST_BYTES + 1)
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except IsADirectoryError:
+            raise CheckpointCorruptError(f"{path}: is a folder, not a manifest file. Delete the checkpoint or resume "
+                                         "from another.", path=str(path), reason="malformed manifest") from None
+        except OSError as exc:
+            raise CheckpointCorruptError(
+                f"{path}: cannot read the manifest ({os.strerror(exc.errno or 0)}). Make it readable (check its "
+                "permissions), or resume from another checkpoint.", path=str(path), reason="unreadable") from None
+
+    def location(self, name: str) -> str:
+        return str(self.path / name)
 
     def new_staging_dir(self, step: int) -> Path:
         staging = self.path / layout.staging_name(step)
         try:
             staging.mkdir(parents=True)
         except OSError as exc:
-            raise _write_error(exc, staging, "create the staging folder") from exc
+            raise write_error(exc, staging, "create the staging folder") from exc
         return staging
 
     def publish(self, staging_dir: Path, name: str) -> None:
         target = self.path / name
-        retired = None
         try:
             fsync_tree(staging_dir)
-            if target.exists():
-                retired = self._replace_checkpoint(staging_dir, target)
-            else:
-                os.replace(staging_dir, target)
-            fsync_dir(self.path)
+            # Re-saving a step (a run restarted in its old output_dir) replaces the old folder atomically.
+            retired = replace_folder(staging_dir, target)
         except OSError as exc:
-            raise _write_error(exc, target, "commit the checkpoint") from exc
+            raise write_error(exc, target, "commit the checkpoint") from exc
         if retired is not None:
-            remove_tree_quietly(retired)
-
-    def _replace_checkpoint(self, staging_dir: Path, target: Path) -> Path:
-        """Re-saving a step (e.g. a run restarted in its old output_dir): put the new folder in place of the old
-        one; returns the hidden name the old one now has. Where two names can be exchanged atomically (Linux),
-        `target` exists at every instant; elsewhere the old folder is moved aside first, and a crash between
-        the two renames loses both."""
-        if exchange_paths(staging_dir, target):
-            return staging_dir
-        trash = self.path / layout.trash_name(target.name)
-        os.replace(target, trash)
-        os.replace(staging_dir, target)
-        return trash
+            self._delete_hidden(retired)
 
     def delete(self, name: str) -> None:
         # Rename first: the checkpoint disappears atomically, then the files go.
         trash = self.path / layout.trash_name(name)
         os.replace(self.path / name, trash)
         fsync_dir(self.path)
-        remove_tree_quietly(trash)
+        self._delete_hidden(trash)
+
+    def _delete_hidden(self, folder: Path) -> None:
+        try:
+            delete_tree(folder)
+        except OSError as exc:
+            logger.error("Could not remove %s (%s); it is invisible to readers and the next run in %s retries. "
+                         "Check the folder's permissions.", folder, exc, self.path)
 
     def local_dir(self, name: str) -> Path:
         return self.path / name
 
-    def sizes_match(self, name: str, manifest: Manifest) -> bool:
-        return not find_problems(self.path / name, manifest, "size")
+    def size_problems(self, name: str, manifest: Manifest) -> list[CheckpointCorruptError]:
+        return find_problems(self.path / name, manifest, "size")
 
     def clean_leftovers(self) -> list[str]:
-        removed = [name for name in self.list_names() if layout.is_leftover(name) and (self.path / name).is_dir()]
-        for name in removed:
-            remove_tree_quietly(self.path / name)
+        """Called under the writer lock: no other writer of this folder is running, so every staging or trash
+        name in it is a leftover of an interrupted one."""
+        removed = []
+        for name in self.list_names():
+            if not layout.is_leftover(name):
+                continue
+            path = self.path / name
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    delete_tree(path)
+                else:
+                    path.unlink()
+            except OSError as exc:
+                logger.error("Could not remove the leftover %s (%s). Check the folder's permissions.", path, exc)
+                continue
+            removed.append(name)
         return removed
 
     def check_free_space(self, needed_bytes: int) -> None:
@@ -154,13 +191,22 @@ class LocalStore(CheckpointStore):
     def acquire_writer_lock(self) -> None:
         if self._lock_file is not None:
             return
-        import fcntl
-
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            lock_file = open(self.path / layout.LOCK_NAME, "a+")
         except OSError as exc:
-            raise _write_error(exc, self.path, "open the output folder") from exc
+            raise write_error(exc, self.path, "open the output folder") from exc
+        while self._lock_file is None:
+            self._lock_file = self._try_lock()
+
+    def _try_lock(self) -> IO[Any] | None:
+        """The locked lock file, or None when it was removed under us by a releasing writer (then retry)."""
+        import fcntl
+
+        lock_path = self.path / layout.LOCK_NAME
+        try:
+            lock_file = open(lock_path, "a+")
+        except OSError as exc:
+            raise write_error(exc, self.path, "open the output folder") from exc
         try:
             fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -170,28 +216,33 @@ class LocalStore(CheckpointStore):
                 "Two runs must not share an output_dir: give this run its own, or stop the other one.",
                 path=str(self.path),
             ) from None
-        self._lock_file = lock_file
+        # A releasing writer unlinks the file while holding the lock: a lock taken on an unlinked file locks nothing.
+        try:
+            same = os.path.samestat(os.fstat(lock_file.fileno()), os.stat(lock_path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            lock_file.close()
+            return None
+        return lock_file
 
     def release_writer_lock(self) -> None:
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        """Remove the lock file (the stock tools leave nothing of ours behind), then let go of it."""
+        if self._lock_file is None:
+            return
+        try:
+            (self.path / layout.LOCK_NAME).unlink(missing_ok=True)
+        except OSError:
+            pass  # a lock file left behind is harmless: the next writer locks it again
+        self._lock_file.close()
+        self._lock_file = None
 
 
-def _write_error(exc: OSError, path: Path, action: str) -> CheckpointWriteError:
-    cause = os.strerror(exc.errno) if exc.errno else str(exc)
-    hint = {
-        errno.ENOSPC: "Free disk space or point output_dir at a larger disk.",
-        errno.EDQUOT: "Free disk space or raise your quota.",
-        errno.EACCES: "Make the folder writable or choose another output_dir.",
-        errno.EPERM: "Make the folder writable or choose another output_dir.",
-        errno.EROFS: "The file system is read-only: choose another output_dir.",
-    }.get(exc.errno or 0, "Check the disk and the folder's permissions.")
-    return CheckpointWriteError(
-        f"Could not {action} at {path}: {cause}. {hint} Earlier checkpoints are untouched.", path=str(path)
-    )
+def make_store(output_dir: str) -> CheckpointStore:
+    """A `LocalStore` for paths, a remote store for fsspec URLs (`s3://`, `memory://`, ...)."""
+    if "://" in output_dir and not output_dir.startswith("file://"):
+        from ckpt_callbacks.core.storage.remote import FsspecStore
 
+        return FsspecStore(output_dir)
+    return LocalStore(output_dir.removeprefix("file://"))
 
-def write_error(exc: OSError, path: Path, action: str) -> CheckpointWriteError:
-    """The user-facing error for an OS failure while writing `path`."""
-    return _write_error(exc, path, action)

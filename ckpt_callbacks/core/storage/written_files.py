@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from ckpt_callbacks.core.format.manifest import checksum_file
 from ckpt_callbacks.core.storage import direct_io
+from ckpt_callbacks.core.storage.checksums import checksum_file
 from ckpt_callbacks.core.storage.direct_io import DirectFile
 
 # Linux transfers at most 0x7ffff000 bytes per write call: batches stay below that.

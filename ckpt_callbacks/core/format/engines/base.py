@@ -107,9 +107,22 @@ class CheckpointEngine(ABC):
 
     def has(self, relpath: str) -> bool:
         """Whether the open checkpoint holds `relpath` (used for checkpoints without a manifest)."""
+        return bool(self.files_of(relpath)) and all((self.directory / f).is_file() for f in self.files_of(relpath))
+
+    def files_of(self, relpath: str) -> list[str]:
+        """The files (relative to the checkpoint folder) that hold piece `relpath`; by default every file of its
+        folder whose name, up to the first dot, is the piece's name (`model.safetensors`, `model.json`)."""
         stem = Path(relpath).name
         folder = (self.directory / relpath).parent
-        return folder.is_dir() and any(p.name.split(".")[0] == stem for p in folder.iterdir())
+        if not folder.is_dir():
+            return []
+        return sorted((folder / p.name).relative_to(self.directory).as_posix()
+                      for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] == stem)
+
+    def describe(self, relpath: str) -> Any:
+        """Piece `relpath` for showing, read as cheaply as the format allows: tensors may come back as
+        `safetensors_io.TensorSpec`s (shape, dtype, size) or memory-mapped. By default the piece itself."""
+        return self.load(relpath, "cpu")
 
 
 NOT_READ = object()  # `read_ahead`: nothing was read ahead, call `load_into`

@@ -5,6 +5,18 @@ each to the stock file and format, so `trainer.train(resume_from_checkpoint=...)
 `get_last_checkpoint` and `AutoModel.from_pretrained(checkpoint_dir)` work
 unchanged. No transformers import: config and tokenizer objects are written
 through their own `save_pretrained`.
+
+Pieces and their files (names in `layout`):
+
+| piece | files |
+|---|---|
+| `model` | `model.safetensors` (or, written by others, shards + index, or `pytorch_model.bin`) |
+| `adapter`, `{name}/adapter` | `adapter_model.safetensors` of a PEFT adapter (in `{name}/` for a non-default one) |
+| `optimizer`, `scheduler`, `scaler` | `optimizer.pt`, `scheduler.pt`, `scaler.pt` |
+| `rng`, `rng_{rank}` | `rng_state.pth`, `rng_state_{rank}.pth` |
+| `trainer_state` | `trainer_state.json` |
+| `training_args` | `training_args.bin` (a full pickle for users' tools; never loaded) |
+| `pretrained` | what the objects' `save_pretrained` writes (`config.json`, tokenizer, `adapter_config.json`...) |
 """
 
 from __future__ import annotations
@@ -16,24 +28,36 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.format.engines.base import CheckpointEngine
-from ckpt_callbacks.core.format.engines.torch_engine import load_weights_only, save_torch
-from ckpt_callbacks.core.format.safetensors_io import read_safetensors, unique_tensors, write_safetensors
+from ckpt_callbacks.core.format.engines.torch_engine import load_lazily, load_weights_only, save_torch
+from ckpt_callbacks.core.format.safetensors_io import (
+    TensorSpec,
+    read_safetensors,
+    read_tensor_specs,
+    unique_tensors,
+    write_safetensors,
+)
 from ckpt_callbacks.core.state.rng import numpy_state_as_stock, numpy_state_from_stock
-from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundError
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
 
-MODEL_FILE = "model.safetensors"
-MODEL_INDEX_FILE = "model.safetensors.index.json"
-TRAINER_STATE_FILE = "trainer_state.json"
-TORCH_FILES = {"optimizer": "optimizer.pt", "scheduler": "scheduler.pt", "scaler": "scaler.pt"}
+__all__ = ["PRETRAINED_FILES", "PRETRAINED_PIECE", "HFEngine", "is_stock_trainer_checkpoint", "load_model_weights"]
+
 # Objects whose own save_pretrained writes config.json, generation_config.json, tokenizer files, ...
 PRETRAINED_PIECE = "pretrained"
+TRAINING_ARGS_PIECE = "training_args"
+ADAPTER_PIECE = "adapter"
+# Files `from_pretrained` needs beside the weights: written by the `pretrained` piece, copied by an export.
+PRETRAINED_FILES = (
+    layout.HF_CONFIG_FILE, "generation_config.json", layout.HF_PEFT_CONFIG_FILE, "tokenizer.json",
+    "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
+    "tokenizer.model", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
+)
 
 
-def rng_file_name(relpath: str) -> str:
-    """'rng' -> 'rng_state.pth' (one process), 'rng_3' -> 'rng_state_3.pth' (rank 3)."""
-    suffix = relpath.removeprefix("rng")
-    return f"rng_state{suffix}.pth"
+def is_stock_trainer_checkpoint(folder: Path) -> bool:
+    """Whether `folder` (a `checkpoint-{step}` folder without a manifest) is one the stock Trainer wrote."""
+    return (folder / layout.HF_TRAINER_STATE_FILE).is_file()
 
 
 class HFEngine(CheckpointEngine):
@@ -42,16 +66,20 @@ class HFEngine(CheckpointEngine):
     def save(self, state: Any, relpath: str) -> None:
         directory = self.directory
         if relpath == "model":
-            write_safetensors(directory / MODEL_FILE, unique_tensors(state), {"format": "pt"}, fsync=False)
-        elif relpath in TORCH_FILES:
-            save_torch(state, directory / TORCH_FILES[relpath])
-        elif relpath == "rng" or relpath.startswith("rng_"):
-            save_torch(_rng_to_stock(state, single_process=relpath == "rng"), directory / rng_file_name(relpath))
+            write_safetensors(directory / layout.HF_MODEL_FILE, unique_tensors(state), {"format": "pt"}, fsync=False)
+        elif _is_adapter(relpath):
+            target = self._adapter_file(relpath)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_safetensors(target, unique_tensors(state), {"format": "pt"}, fsync=False)
+        elif relpath in layout.HF_TORCH_FILES:
+            save_torch(state, directory / layout.HF_TORCH_FILES[relpath])
+        elif _is_rng(relpath):
+            save_torch(_rng_to_stock(state, single_process=relpath == "rng"), directory / layout.hf_rng_file(relpath))
         elif relpath == "trainer_state":
-            (directory / TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        elif relpath == "training_args":
+            (directory / layout.HF_TRAINER_STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        elif relpath == TRAINING_ARGS_PIECE:
             # Written as the stock Trainer does (a pickle, for users' tools); this library never reads it back.
-            save_torch(state, directory / "training_args.bin")
+            save_torch(state, directory / layout.HF_TRAINING_ARGS_FILE)
         elif relpath == PRETRAINED_PIECE:
             for obj in state:
                 obj.save_pretrained(str(directory))
@@ -64,52 +92,134 @@ class HFEngine(CheckpointEngine):
         directory = self.directory
         if relpath == "model":
             return load_model_weights(directory, map_location)
-        if relpath in TORCH_FILES:
-            return load_weights_only(directory / TORCH_FILES[relpath], map_location)
-        if relpath == "rng" or relpath.startswith("rng_"):
-            return _rng_from_stock(_load_stock_rng(directory / rng_file_name(relpath)))
+        if _is_adapter(relpath):
+            return read_safetensors(self._adapter_file(relpath), map_location)
+        if relpath in layout.HF_TORCH_FILES:
+            return load_weights_only(directory / layout.HF_TORCH_FILES[relpath], map_location)
+        if _is_rng(relpath):
+            return _rng_from_stock(_load_stock_rng(directory / layout.hf_rng_file(relpath)))
         if relpath == "trainer_state":
-            path = directory / TRAINER_STATE_FILE
-            try:
-                return json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise CheckpointCorruptError(f"{path}: unreadable ({exc}).", path=str(path), reason="unreadable") from None
+            return _read_json(directory / layout.HF_TRAINER_STATE_FILE)
+        if relpath == PRETRAINED_PIECE:
+            return {path.name: _read_json(path) for path in self._existing(PRETRAINED_FILES) if path.suffix == ".json"}
+        if relpath == TRAINING_ARGS_PIECE:
+            path = directory / layout.HF_TRAINING_ARGS_FILE
+            raise CheckpointError(f"{path} is a full pickle of TrainingArguments; it is never loaded, because "
+                                  "unpickling it could run code.", path=str(path))
         return load_weights_only(directory / f"{relpath}.pt", map_location)
+
+    def describe(self, relpath: str) -> Any:
+        if relpath == "model" or _is_adapter(relpath):
+            files = self.files_of(relpath)
+            if files and files[0].endswith(".bin"):
+                return load_lazily(self.directory / files[0])
+            specs: dict[str, TensorSpec] = {}
+            for name in files:
+                if name.endswith(".safetensors"):
+                    specs.update(read_tensor_specs(self.directory / name))
+            return specs
+        if relpath == TRAINING_ARGS_PIECE:
+            return "a full pickle of TrainingArguments (never loaded)"
+        if relpath in layout.HF_TORCH_FILES:
+            return load_lazily(self.directory / layout.HF_TORCH_FILES[relpath])
+        return self.load(relpath, "cpu")
+
+    def files_of(self, relpath: str) -> list[str]:
+        directory = self.directory
+        if relpath == "model":
+            if (directory / layout.HF_MODEL_FILE).is_file():
+                return [layout.HF_MODEL_FILE]
+            index = directory / layout.HF_MODEL_INDEX_FILE
+            if index.is_file():
+                return [layout.HF_MODEL_INDEX_FILE, *_shards_of(index)]
+            return [layout.LEGACY_MODEL_FILE]
+        if _is_adapter(relpath):
+            return [self._adapter_file(relpath).relative_to(directory).as_posix()]
+        if relpath in layout.HF_TORCH_FILES:
+            return [layout.HF_TORCH_FILES[relpath]]
+        if _is_rng(relpath):
+            return [layout.hf_rng_file(relpath)]
+        if relpath == "trainer_state":
+            return [layout.HF_TRAINER_STATE_FILE]
+        if relpath == TRAINING_ARGS_PIECE:
+            return [layout.HF_TRAINING_ARGS_FILE]
+        if relpath == PRETRAINED_PIECE:
+            return [path.name for path in self._existing(PRETRAINED_FILES)]
+        return [f"{relpath}.pt"]
+
+    def pieces(self) -> list[str]:
+        """The pieces of the stock layout present in the open folder (for folders without a manifest)."""
+        found = [piece for piece in ("model", *layout.HF_TORCH_FILES, "trainer_state") if self.has(piece)]
+        if (self.directory / layout.HF_PEFT_MODEL_FILE).is_file():
+            found.insert(0, ADAPTER_PIECE)
+        found += sorted("rng" + p.name.removeprefix(layout.HF_RNG_FILE_PREFIX).removesuffix(".pth")
+                        for p in self.directory.glob(f"{layout.HF_RNG_FILE_PREFIX}*.pth"))
+        if (self.directory / layout.HF_TRAINING_ARGS_FILE).is_file():
+            found.append(TRAINING_ARGS_PIECE)
+        if self._existing(PRETRAINED_FILES):
+            found.append(PRETRAINED_PIECE)
+        return found
 
     def has(self, relpath: str) -> bool:
         if relpath == "model":
-            return any((self.directory / name).is_file() for name in (MODEL_FILE, MODEL_INDEX_FILE, "pytorch_model.bin"))
-        if relpath in TORCH_FILES:
-            return (self.directory / TORCH_FILES[relpath]).is_file()
-        if relpath == "rng" or relpath.startswith("rng_"):
-            return (self.directory / rng_file_name(relpath)).is_file()
-        if relpath == "trainer_state":
-            return (self.directory / TRAINER_STATE_FILE).is_file()
-        return super().has(relpath)
+            names = (layout.HF_MODEL_FILE, layout.HF_MODEL_INDEX_FILE, layout.LEGACY_MODEL_FILE)
+            return any((self.directory / name).is_file() for name in names)
+        if relpath == PRETRAINED_PIECE:
+            return bool(self._existing(PRETRAINED_FILES))
+        return all((self.directory / name).is_file() for name in self.files_of(relpath))
+
+    def _adapter_file(self, relpath: str) -> Path:
+        return self.directory / Path(relpath).parent / layout.HF_PEFT_MODEL_FILE
+
+    def _existing(self, names: tuple[str, ...]) -> list[Path]:
+        return [self.directory / name for name in names if (self.directory / name).is_file()]
 
 
 def load_model_weights(directory: Path, map_location: Any = None) -> dict[str, torch.Tensor]:
     """Model weights of a stock-layout folder: single or sharded safetensors, or a legacy `pytorch_model.bin`."""
-    single = directory / MODEL_FILE
+    single = directory / layout.HF_MODEL_FILE
     if single.is_file():
         return read_safetensors(single, map_location)
-    index = directory / MODEL_INDEX_FILE
+    index = directory / layout.HF_MODEL_INDEX_FILE
     if index.is_file():
-        try:
-            shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as exc:
-            raise CheckpointCorruptError(f"{index}: unreadable index ({exc!r}).", path=str(index), reason="unreadable") from None
         weights: dict[str, torch.Tensor] = {}
-        for shard in shard_names:
-            if Path(shard).name != shard:
-                raise CheckpointCorruptError(f"{index}: shard name {shard!r} leaves the folder.", path=str(index), reason="unsafe path")
+        for shard in _shards_of(index):
             weights.update(read_safetensors(directory / shard, map_location))
         return weights
-    legacy = directory / "pytorch_model.bin"
+    legacy = directory / layout.LEGACY_MODEL_FILE
     if legacy.is_file():
         return load_weights_only(legacy, map_location)
-    raise CheckpointNotFoundError(f"{directory}: no model weights ({MODEL_FILE}, {MODEL_INDEX_FILE} or pytorch_model.bin).",
-                                  path=str(directory))
+    raise CheckpointNotFoundError(
+        f"{directory}: no model weights ({layout.HF_MODEL_FILE}, {layout.HF_MODEL_INDEX_FILE} or "
+        f"{layout.LEGACY_MODEL_FILE}).", path=str(directory))
+
+
+def _shards_of(index: Path) -> list[str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted({str(name) for name in weight_map.values()})
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise CheckpointCorruptError(f"{index}: unreadable index ({exc!r}).", path=str(index), reason="unreadable") from None
+    for shard in shards:
+        if Path(shard).name != shard:
+            raise CheckpointCorruptError(f"{index}: shard name {shard!r} leaves the folder.", path=str(index),
+                                         reason="unsafe path")
+    return shards
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointCorruptError(f"{path}: unreadable ({exc}).", path=str(path), reason="unreadable") from None
+
+
+def _is_rng(relpath: str) -> bool:
+    return relpath == "rng" or relpath.startswith("rng_")
+
+
+def _is_adapter(relpath: str) -> bool:
+    return relpath == ADAPTER_PIECE or relpath.endswith(f"/{ADAPTER_PIECE}")
 
 
 def _rng_to_stock(state: dict[str, Any], *, single_process: bool) -> dict[str, Any]:

@@ -75,6 +75,15 @@ def load_weights_only(path: Any, map_location: Any = None) -> Any:
         ) from None
 
 
+def load_lazily(path: Path) -> Any:
+    """`torch.load(weights_only=True)` with tensors memory-mapped, so their bytes are read only when used (to
+    show what a large file holds without reading it)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError, EOFError):  # legacy (non-zip) files cannot be mapped
+        return load_weights_only(path, "cpu")
+
+
 def _may_map(map_location: Any) -> bool:
     """Whether the tensors are loaded where mapping the file helps: the CPU, or (None) where each was saved,
     then tensors saved on a GPU are copied there from the map, and only CPU tensors are copied out."""
@@ -98,8 +107,11 @@ class TorchEngine(CheckpointEngine):
     def load(self, relpath: str, map_location: Any = None) -> Any:
         return load_weights_only(self._file(relpath), map_location)
 
-    def has(self, relpath: str) -> bool:
-        return self._file(relpath).is_file()
+    def describe(self, relpath: str) -> Any:
+        return load_lazily(self._file(relpath))
+
+    def files_of(self, relpath: str) -> list[str]:
+        return [self._file(relpath).relative_to(self.directory).as_posix()]
 
     def _file(self, relpath: str) -> Path:
         path = self.directory / relpath

@@ -1,4 +1,4 @@
-"""The framework-neutral pieces the Lightning adapter added to the core, used from a plain PyTorch loop."""
+"""Single-file checkpoints (atomic, verified by the manifest inside the file) and sampler replay, in a plain loop."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from ckpt_callbacks import CheckpointCorruptError
-from ckpt_callbacks.core.format.single_file import load_torch_file, save_torch_file, sidecar_path
+from ckpt_callbacks.core.format.single_file import load_torch_file, read_embedded_manifest, save_torch_file
 from ckpt_callbacks.core.state.rng import capture_rng_state
 from ckpt_callbacks.core.state.sampler_replay import SamplerResume
 
@@ -69,13 +69,22 @@ def test_single_file_save_is_atomic_and_verified(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="disk died"):
         save_torch_file({"w": torch.zeros(3), "bad": Unpicklable()}, path, step=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # old bytes intact, no temporary file
-    assert torch.equal(load_torch_file(path)["w"], torch.ones(3))  # no sidecar left: loads unverified
+    assert torch.equal(load_torch_file(path)["w"], torch.ones(3))
 
     save_torch_file({"w": torch.full((3,), 2.0)}, path, step=3)
-    assert sidecar_path(path).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no second file beside it
+    manifest = read_embedded_manifest(path)
+    assert manifest is not None and manifest.step == 3
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.full((3,), 2.0))  # stock loaders read it
+    intact = path.read_bytes()
     with open(path, "ab") as f:
         f.write(b"appended")
     with pytest.raises(CheckpointCorruptError, match=r"last\.ckpt: size mismatch"):
+        load_torch_file(path)
+    damaged = bytearray(intact)
+    damaged[200] ^= 0xFF  # inside torch's records, before the manifest
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(CheckpointCorruptError, match=r"last\.ckpt: checksum mismatch"):
         load_torch_file(path)
 
 

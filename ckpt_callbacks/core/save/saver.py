@@ -1,0 +1,145 @@
+"""How a committed transaction reaches the disk: inline, or staged into host buffers and written in the background.
+
+`Saver` owns the background writer and the host stagers (one per save allowed
+in flight). Synchronous saves run the commit job inline. Asynchronous ones
+snapshot every piece into reused host buffers (now, or, with deferred staging,
+on the staging thread during the next forward/backward) and queue the commit
+job behind that copy. A background failure is re-raised at the next save, at
+`wait()` and at `close()` (logged instead with `on_save_error="warn"`).
+
+Every second the training loop spends waiting on checkpointing is counted in
+`SaveStats.blocking_seconds`: the wait for a free write slot and for the
+previous deferred copy at `begin`, the snapshot itself, and a later
+`wait_for_staging()` before the optimizer step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from ckpt_callbacks.core.save.commit import CommitResult
+from ckpt_callbacks.core.save.staging import HostStager, StagingPlan, storage_address
+from ckpt_callbacks.core.save.writer import BackgroundWriter
+from ckpt_callbacks.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SaveStats", "Saver"]
+
+logger = logging.getLogger("ckpt_callbacks")
+
+
+@dataclass
+class SaveStats:
+    """What one save cost: seconds training waited for it, seconds until durable (None while in flight), size."""
+
+    step: int
+    blocking_seconds: float
+    total_seconds: float | None = None
+    bytes_written: int = 0
+
+
+class Saver:
+    def __init__(self, *, async_save: bool, max_in_flight: int = 1, on_save_error: str = "raise") -> None:
+        self.async_save = async_save
+        self.on_save_error = on_save_error
+        self.last_save: SaveStats | None = None
+        self._writer = BackgroundWriter(max_in_flight)
+        self._stagers = [HostStager() for _ in range(max_in_flight)]
+        self._deferred: list[StagingPlan] = []
+        self._saves = 0
+
+    @property
+    def is_saving(self) -> bool:
+        return self._writer.in_flight > 0
+
+    def make_room(self) -> None:
+        """Before a new snapshot: surface earlier background failures and wait for a free staging buffer."""
+        self._writer.wait_for_preparation()
+        self.report_failures(self._writer.wait_for_staging)
+        self.report_failures(lambda: self._writer.raise_first_failure(block_until=self._writer.max_in_flight - 1))
+
+    def snapshot(self, value: Any, relpath: str, *, defer: bool, copy_now: frozenset[int]) -> Any:
+        """The value to hand the writer for a piece: the live value (sync), or its host snapshot."""
+        if not self.async_save:
+            return value
+        stager = self._stagers[self._saves % len(self._stagers)]
+        if not defer:
+            return stager.stage(value, prefix=(relpath,))
+        plan = stager.plan(value, prefix=(relpath,), defer=True, copy_now=copy_now)
+        self._deferred.append(plan)  # copied in the background once the transaction commits
+        return plan.staged
+
+    def discard_snapshots(self) -> None:
+        self._deferred = []
+
+    def submit(self, step: int, job: Callable[[], CommitResult], *, started: float) -> SaveStats:
+        """Run `job` (the commit) inline, or queue it behind the deferred copies; returns the save's stats, whose
+        `total_seconds` and `bytes_written` are filled in when the checkpoint is durable."""
+        stats = SaveStats(step=step, blocking_seconds=0.0)
+        self.last_save = stats
+        self._saves += 1
+        if self.async_save:
+            plans, self._deferred = self._deferred, []
+            staging = self._writer.stage_in_background(partial(_run_plans, plans)) if plans else None
+            self._writer.submit(partial(_record, job, stats), after=staging)
+        else:
+            self.report_failures(partial(_record, job, stats))
+        stats.blocking_seconds = time.perf_counter() - started
+        return stats
+
+    def prepare(self, pieces: Mapping[str, Any]) -> None:
+        """Allocate, in the background, the host buffers the next async save of `pieces` will copy into."""
+        if not self.async_save:
+            return
+        stager = self._stagers[self._saves % len(self._stagers)]
+
+        def reserve() -> None:
+            reserved = sum(stager.reserve(value, prefix=(relpath,)) for relpath, value in pieces.items())
+            logger.debug("Reserved %.2f GB of staging buffers.", reserved / 1e9)
+
+        self._writer.prepare_in_background(reserve)
+
+    def wait_for_staging(self) -> None:
+        """Block until the deferred host copy is complete (counted as time the last save blocked training)."""
+        started = time.perf_counter()
+        try:
+            self.report_failures(self._writer.wait_for_staging)
+        finally:
+            if self.last_save is not None:
+                self.last_save.blocking_seconds += time.perf_counter() - started
+
+    def wait(self) -> None:
+        self.report_failures(self._writer.wait)
+
+    def close(self) -> None:
+        self.report_failures(self._writer.close)
+
+    def report_failures(self, operation: Callable[[], None]) -> None:
+        try:
+            operation()
+        except CheckpointError as exc:
+            if self.on_save_error != "warn":
+                raise
+            logger.error("A checkpoint save failed; training goes on (on_save_error='warn'): %s", exc)
+
+
+def copy_now_addresses(tensors: Iterable[torch.Tensor]) -> frozenset[int]:
+    return frozenset(storage_address(t) for t in tensors)
+
+
+def _run_plans(plans: list[StagingPlan]) -> None:
+    for plan in plans:
+        plan.run()
+
+
+def _record(job: Callable[[], CommitResult], stats: SaveStats) -> None:
+    result = job()
+    stats.bytes_written = result.bytes_written
+    stats.total_seconds = result.seconds
