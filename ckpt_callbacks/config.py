@@ -11,6 +11,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
@@ -45,7 +46,7 @@ def _help(text: str, **metadata: Any) -> dict[str, Any]:
     return {"help": text, **metadata}
 
 
-class _FlagOfTrainingArguments(dataclasses.Field):  # type: ignore[type-arg]
+class _FlagOfTrainingArguments(dataclasses.Field):
     """A field `TrainingArguments` also has (`output_dir`, `save_steps`, ...), as `HfArgumentParser` sees it.
 
     `HfArgumentParser((TrainingArguments, CheckpointArguments))` turns every init field of both into an option,
@@ -58,7 +59,7 @@ class _FlagOfTrainingArguments(dataclasses.Field):  # type: ignore[type-arg]
 
     __slots__ = ()
 
-    @property  # type: ignore[override]
+    @property
     def init(self) -> bool:
         return bool(_FIELD_INIT.__get__(self)) and not _parsed_beside_a_dataclass_with(self.name)
 
@@ -72,7 +73,7 @@ _FIELD_INIT = dataclasses.Field.__dict__["init"]  # the slot that holds a field'
 
 def _parsed_beside_a_dataclass_with(name: str) -> bool:
     """Whether an `HfArgumentParser` up the call stack also parses another dataclass with a field `name`."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     for _ in range(6):
         if frame is None:
             return False

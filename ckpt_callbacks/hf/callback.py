@@ -91,6 +91,7 @@ class CheckpointCallback(TrainerCallback):
         self.trainer: Trainer | None = None
         self.run: RunController | None = None
         self.last_save_stats: dict[str, float] = {}  # what the saves made durable since the last log cost
+        self.save_reports: list[dict[str, float]] = []  # one per durable save: step, seconds waited, seconds, MB/s
         self._staging_prepared = False
         self._read_ahead = ReadAhead()
         self._reads_ahead = False  # whether the Trainer's optimizer loader takes states read ahead (attach)
@@ -294,8 +295,9 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         logs: dict[str, Any] | None = None, **kwargs: Any,
     ) -> None:
-        """Save costs go to the log line the user sees and to `callback.last_save_stats`, never into
-        `trainer_state.json`: a resumed run's state must equal the uninterrupted run's."""
+        """Save costs go to the log line the user sees (the progress bar and printer run after this callback), to
+        `callback.last_save_stats` and `callback.save_reports`, never into `trainer.state` / `trainer_state.json`:
+        a resumed run's state must equal the uninterrupted run's."""
         if self.run is None:
             return
         if control.should_training_stop or state.global_step >= state.max_steps:
@@ -303,6 +305,7 @@ class CheckpointCallback(TrainerCallback):
             self.run.manager.wait()
         finished = self.run.finished_save_stats()
         if finished:
+            self.save_reports += [{"step": stats.step, **save_stats_for_log([stats])} for stats in finished]
             self.last_save_stats = save_stats_for_log(finished)
             if logs is not None:
                 logs.update(self.last_save_stats)  # the progress bar / printer line; log_history holds a copy

@@ -77,7 +77,7 @@ def main(root: str, mode: str, async_mode: str) -> None:
     except CheckpointError as exc:
         Path(root, f"error-rank{args.process_index}.txt").write_text(f"{type(exc).__name__}: {exc}")
         return
-    final = {"global_step": trainer.state.global_step, "rng": rng_states(), "preempted": checkpointing.preemption.requested,
+    final = {"global_step": trainer.state.global_step, "rng": rng_states(), "preempted": checkpointing.preempted,
              "weights": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
              "optimizer": trainer.optimizer.state_dict()}
     torch.save(final, Path(root) / f"final-{mode}-rank{args.process_index}.pt")

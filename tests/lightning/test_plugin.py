@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointCorruptError, CheckpointError, CheckpointWriteError
-from ckpt_callbacks.core.format.manifest import parse_manifest
+from ckpt_callbacks.core.format.single_file import verify_file
 from ckpt_callbacks.core.read.verify import verify_files
 from tests.lightning.helpers import (
     Namespace,
@@ -76,11 +76,11 @@ def test_stock_model_checkpoint_through_the_plugin_writes_verified_single_files(
     module = ns.Tiny()
     trainer.fit(module, train_loader(), val_loader())
 
-    # top-1 rotation removed every older file and its manifest, and no temporary file was left behind
-    assert sorted(os.listdir(folder)) == [
-        "epoch=1-step=20.ckpt", "epoch=1-step=20.ckpt.manifest.json", "last.ckpt", "last.ckpt.manifest.json"]
+    # top-1 rotation removed every older file, no temporary file was left behind, and no file beside them: each
+    # carries its manifest inside (TorchCheckpointIO writes exactly these files)
+    assert sorted(os.listdir(folder)) == ["epoch=1-step=20.ckpt", "last.ckpt"]
     last = folder / "last.ckpt"
-    verify_files(folder, parse_manifest((folder / "last.ckpt.manifest.json").read_bytes(), source="t"), "checksum")
+    assert verify_file(last, "checksum")
     assert tensors_equal(weights_of(ns.Tiny.load_from_checkpoint(str(last))), weights_of(module))
 
     data = bytearray(last.read_bytes())

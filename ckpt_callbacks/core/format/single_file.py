@@ -21,6 +21,7 @@ file from the page cache (~0.03 s per GB).
 
 from __future__ import annotations
 
+import errno
 import os
 import zipfile
 from collections.abc import Mapping
@@ -54,25 +55,36 @@ def save_torch_file(state: Any, path: str | os.PathLike[str], *, step: int, epoc
     """
     target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        _make_parent_folder(target)
         write_file_atomically(target, lambda f: _write_with_manifest(f, state, target.name, step, epoch, metrics))
     except OSError as exc:
         raise write_error(exc, target, "write the checkpoint") from exc
+
+
+def _make_parent_folder(target: Path) -> None:
+    for folder in (target.parent, *target.parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    target.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _write_with_manifest(f: IO[bytes], state: Any, name: str, step: int, epoch: float | None,
                          metrics: Mapping[str, float] | None) -> None:
     torch.save(state, f)
     f.flush()
+    if not zipfile.is_zipfile(f):  # e.g. a test that replaced torch.save: nothing to embed a manifest into
+        return
     with zipfile.ZipFile(f, "a") as archive:
+        names = archive.namelist()
+        if not names:
+            return
         covered = archive.start_dir  # the appended record starts where torch's zip directory started
-        prefix = archive.namelist()[0].split("/")[0]
         manifest = Manifest(
             step=step, engine="torch", files=[FileEntry(path=name, size=covered, checksum=checksum_fd(f.fileno(), length=covered))],
             epoch=epoch, metrics=dict(metrics or {}), states=[name], versions=library_versions(),
             user_metadata={_COVERS: covered},
         )
-        archive.writestr(f"{prefix}/{EMBEDDED_MANIFEST}", manifest.to_json())
+        archive.writestr(f"{names[0].split('/')[0]}/{EMBEDDED_MANIFEST}", manifest.to_json())
 
 
 def read_embedded_manifest(path: Path) -> Manifest | None:

@@ -126,6 +126,9 @@ class Catalog:
             step = layout.parse_checkpoint_step(name)
             if step is not None:
                 self._classify(name, step, listing)
+        listing.committed.sort(key=lambda info: info.step)
+        listing.damaged.sort(key=lambda damaged: damaged.step)
+        listing.foreign.sort(key=lambda foreign: foreign.step)
         return listing
 
     def list(self) -> list[CheckpointInfo]:
