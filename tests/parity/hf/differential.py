@@ -63,33 +63,28 @@ class Run:
     with_callback: bool
     callback_flags: dict[str, Any] = field(default_factory=dict)
     trainers: list[Trainer] = field(default_factory=list)
-    callbacks: list[CheckpointCallback] = field(default_factory=list)
 
     @property
     def half(self) -> str:
         return "ours" if self.with_callback else "stock"
 
     def trainer(
-        self, *, folder: str | None = None, model: ModelFactory = tiny_gpt2, model_seed: int = 0,
+        self, *, model: ModelFactory = tiny_gpt2, model_seed: int = 0,
         callbacks: Sequence[TrainerCallback] = (), trainer_class: type[Trainer] = Trainer,
         eval_dataset: Any = None, compute_metrics: Any = None, with_callback: bool | None = None,
         callback_flags: dict[str, Any] | None = None, **args: Any,
     ) -> Trainer:
         """A Trainer on the tiny GPT-2 of tests/hf/conftest.py (`args` override its `TrainingArguments`).
 
-        `folder` puts it in a subfolder of the half's output folder; `with_callback` overrides the half's
-        choice for this Trainer only (a migration mixes both); `callback_flags` override the flags given to
-        `both()` for this Trainer's callback."""
-        output_dir = self.output_dir if folder is None else self.output_dir / folder
+        `with_callback` overrides the half's choice for this Trainer only (a migration mixes both);
+        `callback_flags` override the flags given to `both()` for this Trainer's callback."""
         added: list[TrainerCallback] = []
         if self.with_callback if with_callback is None else with_callback:
-            callback = CheckpointCallback(**(self.callback_flags if callback_flags is None else callback_flags))
-            self.callbacks.append(callback)
-            added.append(callback)
+            added.append(CheckpointCallback(**(self.callback_flags if callback_flags is None else callback_flags)))
         if eval_dataset is None and args.get("eval_strategy", "no") != "no":
             eval_dataset = EVAL
         trainer = trainer_class(
-            model=model(model_seed), args=training_args(output_dir, **args), train_dataset=TRAIN,
+            model=model(model_seed), args=training_args(self.output_dir, **args), train_dataset=TRAIN,
             eval_dataset=eval_dataset, data_collator=default_data_collator, compute_metrics=compute_metrics,
             callbacks=[*callbacks, *added],
         )

@@ -189,8 +189,15 @@ def test_best_from_a_metric_a_trainer_subclass_adds_is_kept_and_loaded(tmp_path:
     assert_same_observations(stock, ours)
 
 
-def test_save_only_model_writes_the_stock_weights_only_checkpoints(tmp_path: Path) -> None:
-    stock, ours = both(tmp_path, lambda run: run.train(save_only_model=True))
+@pytest.mark.parametrize("given_to", ["TrainingArguments", "callback"])
+def test_save_only_model_writes_the_stock_weights_only_checkpoints(tmp_path: Path, given_to: str) -> None:
+    def scenario(run: Run) -> None:
+        if run.with_callback and given_to == "callback":
+            run.train(callback_flags=dict(save_only_model=True))
+        else:
+            run.train(save_only_model=True)
+
+    stock, ours = both(tmp_path, scenario)
 
     assert "optimizer.pt" not in stock.checkpoints["checkpoint-4"]
     assert_same_observations(stock, ours)
