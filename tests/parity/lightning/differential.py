@@ -72,9 +72,11 @@ def net_class(namespace_name: str) -> Any:
 
     class Net(pl.LightningModule):  # type: ignore[name-defined,misc]
         def __init__(self, dropout: float = 0.0, val_losses: tuple[float, ...] = (), lr: float = 0.05,
-                     manual: bool = False) -> None:
+                     manual: bool = False, ballast_mb: int = 0) -> None:
             super().__init__()
             self.save_hyperparameters()
+            # a checkpoint big enough that writing it takes a while: a reader racing an unfinished write loses
+            self.register_buffer("ballast", torch.zeros(ballast_mb * 2**18))
             self.backbone = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(dropout))
             self.head = nn.Linear(16, 1)
             self.automatic_optimization = not manual
@@ -146,8 +148,8 @@ def _module_level(cls: type, namespace_name: str) -> Any:
     return cls
 
 
-def train_loader(shuffle: bool = False, batches: int = BATCHES_PER_EPOCH) -> DataLoader:
-    return DataLoader(dataset(BATCH_SIZE * batches, 123), batch_size=BATCH_SIZE, shuffle=shuffle)
+def train_loader(shuffle: bool = False) -> DataLoader:
+    return DataLoader(dataset(BATCH_SIZE * BATCHES_PER_EPOCH, 123), batch_size=BATCH_SIZE, shuffle=shuffle)
 
 
 def val_loader() -> DataLoader:
@@ -274,19 +276,13 @@ class Run:
         self.trainers.append(trainer)
         return trainer
 
-    def fit(self, trainer: Any, module: Any = None, *, shuffle: bool = False, batches: int = BATCHES_PER_EPOCH,
-            ckpt_path: Any = None, datamodule: Any = None, loaders: bool = True) -> Fit:
-        """`trainer.fit`, recording progress, weights and the exception (which is caught, not raised)."""
-        module = module if module is not None else trainer.lightning_module
+    def fit(self, trainer: Any, module: Any, *, shuffle: bool = False, ckpt_path: Any = None) -> Fit:
+        """`trainer.fit` on the standard loaders, recording progress, weights and the exception (caught, not
+        raised: the tests compare it)."""
         before = module.batches
         error: BaseException | None = None
         try:
-            if datamodule is not None:
-                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-            elif loaders:
-                trainer.fit(module, train_loader(shuffle, batches), val_loader(), ckpt_path=ckpt_path)
-            else:
-                trainer.fit(module, ckpt_path=ckpt_path)
+            trainer.fit(module, train_loader(shuffle), val_loader(), ckpt_path=ckpt_path)
         except Exception as exc:  # the scenario compares exception types between flavors
             error = exc
         return self.record(trainer, module, error, batches_before=before)

@@ -21,7 +21,7 @@ def main(namespace_name: str, flavor: str, path: str) -> None:
     seed_everything(0)
     run = Run(namespace(namespace_name), Path(path).parent, flavor)
     trainer = run.trainer([], max_epochs=1, enable_checkpointing=False)
-    fit = run.fit(trainer, run.module())
+    fit = run.fit(trainer, run.module(ballast_mb=16))
     assert fit.error is None, fit.error
     trainer.save_checkpoint(path)
     os._exit(0)

@@ -273,7 +273,7 @@ def test_save_checkpoint_is_complete_when_it_returns(ns: Namespace, tmp_path: Pa
 
     def scenario(run: Run) -> None:
         trainer = run.trainer([], max_epochs=1, enable_checkpointing=False)
-        module = run.module(dropout=0.3)
+        module = run.module(dropout=0.3, ballast_mb=16)
         run.fit(trainer, module, shuffle=True)
         net = type(module)
         reads = []
@@ -287,8 +287,8 @@ def test_save_checkpoint_is_complete_when_it_returns(ns: Namespace, tmp_path: Pa
             reads.append(("load_from_checkpoint", _outcome(lambda path=path: net.load_from_checkpoint(path).hparams.dropout)))
             path = run.root / f"manual-fit-{attempt}.ckpt"
             trainer.save_checkpoint(path)
-            fit = run.fit(run.trainer([], max_epochs=2, enable_checkpointing=False), run.module(dropout=0.3),
-                          shuffle=True, ckpt_path=str(path))
+            fit = run.fit(run.trainer([], max_epochs=2, enable_checkpointing=False),
+                          run.module(dropout=0.3, ballast_mb=16), shuffle=True, ckpt_path=str(path))
             reads.append(("fit(ckpt_path)", fit.start_step if fit.error is None else type(fit.error).__name__))
         run.extra["reads"] = reads
         run.extra["new threads"] = sorted(t.name for t in set(threading.enumerate()) - threads_before if t.is_alive())
