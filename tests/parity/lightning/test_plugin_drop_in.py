@@ -80,7 +80,7 @@ def test_version_counter_sees_every_earlier_file(ns: Namespace, tmp_path: Path) 
 
     def scenario(run: Run) -> None:
         checkpoint = run.model_checkpoint(save_top_k=-1, monitor="epoch", filename="test")
-        run.fit(run.trainer([checkpoint], max_epochs=4), run.module(dropout=0.3), shuffle=True)
+        run.fit(run.trainer([checkpoint], max_epochs=4), run.module(dropout=0.3, ballast_mb=16), shuffle=True)
 
     stock, _ = plugin_parity(ns, tmp_path, scenario)
     assert sorted(stock.files) == ["checkpoints", "checkpoints/test-v1.ckpt", "checkpoints/test-v2.ckpt",
