@@ -38,6 +38,7 @@ from ckpt_callbacks.core.save.saver import Saver, SaveStats, copy_now_addresses
 from ckpt_callbacks.core.save.transaction import Transaction, piece_path
 from ckpt_callbacks.core.state.capture import RNG_STATE, capture
 from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
+from ckpt_callbacks.core.state.stateful_loaders import keep_rng_through_next_iterator, saved_mid_epoch
 from ckpt_callbacks.core.storage.store import CheckpointStore, make_store
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError, InvalidOperationError
 
@@ -377,7 +378,11 @@ class CheckpointManager:
                                     verify=self.args.verify_on_load, map_location=map_location)
         rng_piece = self._rng_piece()
         if restore_rng and rng_piece in info.manifest.states:
-            restore_rng_state(engine.load(rng_piece))
+            rng_state = engine.load(rng_piece)
+            restore_rng_state(rng_state)
+            for key, target in state.items():
+                if saved_mid_epoch(loaded[key]):  # a StatefulDataLoader: its iterator draws from the restored RNG
+                    keep_rng_through_next_iterator(target, rng_state)
         self.resumed_from_step = info.step
         return {"step": info.step, "epoch": info.epoch, "metrics": dict(info.metrics),
                 "metadata": dict(info.manifest.user_metadata), "state": loaded}

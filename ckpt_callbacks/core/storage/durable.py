@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import shutil
 import sys
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ckpt_callbacks.core.format import layout
+
+logger = logging.getLogger("ckpt_callbacks")
 
 
 def fsync_file(path: Path) -> None:
@@ -99,7 +102,7 @@ def write_file_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> N
     Example:
         >>> write_file_atomically(Path("run/last.ckpt"), lambda f: torch.save(state, f))
     """
-    staging = path.with_name(layout.staging_name_for(path.name))
+    staging = path.with_name(layout.staging_file_name())
     try:
         with open(staging, "w+b") as f:  # readable too: a writer may append to what it wrote (a zip record)
             write(f)
@@ -152,6 +155,35 @@ def delete_tree(path: Path) -> None:
 def remove_tree_quietly(path: Path) -> None:
     """`delete_tree` that ignores errors, for cleanup after another failure (that failure is the one to report)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_leftovers(folder: Path, *, final_name: str | None = None) -> list[str]:
+    """Remove what writers that died on this host left in `folder` (staging files and folders, trash), by the
+    names `layout` gives them; `final_name` limits it to the leftovers of that one target. For folders without a
+    writer lock (single files beside a stock `ModelCheckpoint`, an export's parent folder): a leftover of a live
+    process, or of another host, is left alone. Returns the names removed; a failure is logged, not raised."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not layout.is_stale_leftover(name):
+            continue
+        if final_name is not None and not name.startswith((f"{layout.STAGING_PREFIX}{final_name}-",
+                                                           f"{layout.TRASH_PREFIX}{final_name}-")):
+            continue
+        path = folder / name
+        try:
+            if path.is_dir() and not path.is_symlink():
+                delete_tree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            logger.error("Could not remove the leftover %s of an interrupted write (%s).", path, exc)
+            continue
+        removed.append(name)
+    return removed
 
 
 def unlink_quietly(path: Path) -> None:

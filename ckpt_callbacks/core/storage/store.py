@@ -130,6 +130,11 @@ class LocalStore(CheckpointStore):
 
     def publish(self, staging_dir: Path, name: str) -> None:
         target = self.path / name
+        if (target.exists() or target.is_symlink()) and not (target / layout.MANIFEST_NAME).is_file():
+            raise CheckpointWriteError(
+                f"{target} exists and was not written by ckpt_callbacks (no {layout.MANIFEST_NAME}); it is left as it "
+                "is and this checkpoint is not saved. Move it away, or give the run another output_dir.",
+                path=str(target))
         try:
             fsync_tree(staging_dir)
             # Re-saving a step (a run restarted in its old output_dir) replaces the old folder atomically.
