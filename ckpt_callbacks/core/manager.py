@@ -26,7 +26,7 @@ from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.best import BestTracker, MetricRule, metric_rule_for
 from ckpt_callbacks.core.distributed.collective import Collective, default_collective
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.engines import CheckpointEngine, get_engine_class
+from ckpt_callbacks.core.format.engines import CheckpointEngine, EngineConfig, get_engine_class
 from ckpt_callbacks.core.format.provenance import git_commit, library_versions
 from ckpt_callbacks.core.preemption import PreemptionFlag
 from ckpt_callbacks.core.read.catalog import LAST, Catalog, CheckpointInfo, ResumeCandidate
@@ -65,6 +65,7 @@ class CheckpointManager:
         default_engine: str = "safetensors",
         collective: Collective | None = None,
         recognize_foreign: Callable[[Path], bool] | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         self.args = args if args is not None else CheckpointArguments()
         if store is None:
@@ -73,6 +74,8 @@ class CheckpointManager:
             store = make_store(self.args.output_dir)
         self.store = store
         self.engine_class = _engine_class(engine or self.args.engine or default_engine)
+        # The engine's typed options (its `Config` dataclass), for every engine instance of this run's checkpoints.
+        self.engine_config = engine_config
         self.collective = collective if collective is not None else default_collective()
         self.metric_rule: MetricRule = metric_rule_for(self.args)
         # `recognize_foreign(path)`: a `checkpoint-{step}` folder without a manifest that is the framework's own
@@ -254,7 +257,8 @@ class CheckpointManager:
             self.policy.record_save(tx.step)
             request = CommitRequest(
                 step=tx.step, epoch=tx.epoch, pieces=pieces, metrics=dict(tx.metrics), metadata=dict(tx.metadata),
-                engine_class=self.engine_class, store=self.store, collective=self.collective,
+                engine_class=self.engine_class, engine_config=self.engine_config, store=self.store,
+                collective=self.collective,
                 provenance=self._provenance_once(), expected_size=self._expected_size(), started=tx.started)
             self._saver.submit(tx.step, partial(self._commit_and_retain, request), started=tx.started)
         finally:
@@ -370,8 +374,9 @@ class CheckpointManager:
             raise CheckpointNotFoundError(f"{candidate.path}: not a committed checkpoint of this library (no "
                                           "manifest).", path=candidate.path)
         directory = self.store.local_dir(info.name) if self._in_store(info) else Path(info.path)
-        engine = self.engine_class_for(info.manifest.engine)(rank=self.collective.rank,
-                                                              world_size=info.manifest.world_size)
+        engine_class = self.engine_class_for(info.manifest.engine)
+        config = self.engine_config if engine_class is self.engine_class else None
+        engine = engine_class(config, rank=self.collective.rank, world_size=info.manifest.world_size)
         engine.process_group = getattr(self.collective, "group", None)
         relpaths = {key: piece_path(key, name) for key in state}
         loaded = restore_checkpoint(engine, directory, info.manifest, state, relpaths,

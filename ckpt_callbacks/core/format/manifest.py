@@ -20,6 +20,18 @@ from typing import Any
 from ckpt_callbacks.core.storage.checksums import CHECKSUM_ALGORITHM, checksum_file
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
 
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_MANIFEST_BYTES",
+    "FileEntry",
+    "Manifest",
+    "check_relative_path",
+    "describe_files",
+    "parse_manifest",
+    "read_manifest_file",
+]
+
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
 # Far above any real manifest (100k files take ~15 MB), far below what could stall a listing.

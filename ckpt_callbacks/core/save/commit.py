@@ -19,7 +19,7 @@ from typing import Any
 
 from ckpt_callbacks.core.distributed.collective import Collective
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.engines import CheckpointEngine
+from ckpt_callbacks.core.format.engines import CheckpointEngine, EngineConfig
 from ckpt_callbacks.core.format.manifest import Manifest, describe_files
 from ckpt_callbacks.core.state.capture import RNG_STATE
 from ckpt_callbacks.core.storage.durable import remove_tree_quietly, write_bytes_durably
@@ -47,6 +47,7 @@ class CommitRequest:
     metrics: Mapping[str, float]
     metadata: Mapping[str, Any]
     engine_class: type[CheckpointEngine]
+    engine_config: EngineConfig | None
     store: CheckpointStore
     collective: Collective
     provenance: Provenance
@@ -90,7 +91,7 @@ def commit_checkpoint(request: CommitRequest) -> CommitResult:
 
 def _write_pieces(request: CommitRequest, staging: Path, written: WrittenFiles) -> None:
     collective = request.collective
-    engine = request.engine_class(rank=collective.rank, world_size=collective.world_size)
+    engine = request.engine_class(request.engine_config, rank=collective.rank, world_size=collective.world_size)
     engine.process_group = getattr(collective, "group", None)
     try:
         with recording(written):

@@ -22,6 +22,20 @@ from typing import IO, Any
 
 from ckpt_callbacks.core.format import layout
 
+__all__ = [
+    "delete_tree",
+    "exchange_paths",
+    "fsync_dir",
+    "fsync_file",
+    "fsync_tree",
+    "remove_stale_leftovers",
+    "remove_tree_quietly",
+    "replace_folder",
+    "unlink_quietly",
+    "write_bytes_durably",
+    "write_file_atomically",
+]
+
 logger = logging.getLogger("ckpt_callbacks")
 
 
