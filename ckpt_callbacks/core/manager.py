@@ -196,6 +196,40 @@ class CheckpointManager:
             if metadata:
                 tx.metadata.update(metadata)
 
+    def save_written(
+        self,
+        step: int,
+        write_files: Callable[[Path], None],
+        *,
+        states: Iterable[str],
+        epoch: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Commit a checkpoint whose files a framework writes itself: `write_files(staging_folder)` is called on
+        every rank (it may be collective, e.g. a DCP save of a sharded model) and writes into the hidden staging
+        folder; then, as for every save, the files are fsynced, sealed in a manifest and published atomically as
+        `checkpoint-{step}`, and retention runs. Synchronous: the framework writes live state. `states` names what
+        was written (`manifest.states`); the manager's engine is recorded as the one that reads it back.
+
+        Example:
+            >>> manager.save_written(40, lambda folder: trainer.save_checkpoint(folder / "checkpoint.ckpt"),
+            ...                      states=["checkpoint.ckpt"], epoch=1.0)
+        """
+        self.wait()  # every earlier async save is committed first: checkpoints appear in step order
+        started = time.perf_counter()
+        self._prepare_for_writing()
+        numeric = {str(k): float(v) for k, v in (metrics or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.best_tracker.observe(numeric, step)
+        self.policy.record_save(step)
+        request = CommitRequest(
+            step=step, epoch=epoch, pieces={}, metrics=numeric, metadata=dict(metadata or {}),
+            engine_class=self.engine_class, engine_config=self.engine_config, store=self.store,
+            collective=self.collective, provenance=self._provenance_once(), expected_size=self._expected_size(),
+            started=started, write_files=write_files, states=tuple(states))
+        self._saver.run_inline(step, partial(self._commit_and_retain, request), started=started)
+
     def prepare_staging(self, state: Mapping[str, Any], *, name: str | None = None) -> None:
         """Allocate, in the background, the host buffers the next async save of `state` will copy into, so the
         first save reuses memory already in place instead of faulting in fresh pages while training waits.
