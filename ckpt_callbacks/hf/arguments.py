@@ -13,7 +13,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ckpt_callbacks.config import CheckpointArguments
+from ckpt_callbacks.config import CheckpointArguments, infer_greater_is_better
 from ckpt_callbacks.core.save.policy import timing_of
 
 # The save flags TrainingArguments has under the same name and meaning.
@@ -131,6 +131,9 @@ def training_args_with(training_args: Any, effective: CheckpointArguments) -> An
         if name == "save_strategy" and hasattr(current, "value"):
             value = type(current)(value)  # the SaveStrategy enum, as TrainingArguments holds it
         object.__setattr__(recorded, name, value)
+    if recorded.metric_for_best_model is not None and recorded.greater_is_better is None:
+        # As TrainingArguments.__post_init__ infers it for a metric given there.
+        object.__setattr__(recorded, "greater_is_better", infer_greater_is_better(recorded.metric_for_best_model))
     return recorded
 
 

@@ -20,6 +20,7 @@ from tests.parity.hf.differential import (
     Scenario,
     Scripted,
     assert_holds_checkpoint_weights,
+    assert_same_checkpoint_contents,
     assert_same_checkpoint_files,
     assert_same_final_model,
     assert_same_observations,
@@ -141,6 +142,7 @@ def test_load_best_model_at_end_given_to_the_callback_only_ends_with_the_stock_b
 
     assert stock.best[1] == 8
     assert_same_checkpoint_files(stock, ours)
+    assert_same_checkpoint_contents(stock, ours)  # training_args.bin records the flags the run saved with
     assert_same_final_model(stock, ours)
 
 
@@ -249,6 +251,7 @@ def test_a_metric_given_to_the_callback_only_ranks_as_the_stock_trainer_ranks_it
     assert stock.error is None and stock.best[1] == 8
     assert ours.error is None, ours.error
     assert_same_checkpoint_files(stock, ours)
+    assert_same_checkpoint_contents(stock, ours)
     assert_same_final_model(stock, ours)
     assert_holds_checkpoint_weights(ours, 8)
     warnings = [r.getMessage() for r in caplog.records if r.name.startswith("ckpt_callbacks")]
