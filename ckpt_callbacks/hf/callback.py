@@ -103,6 +103,7 @@ class CheckpointCallback(TrainerCallback):
         self._read_ahead = ReadAhead()
         self._reads_ahead = False  # whether the Trainer's optimizer loader takes states read ahead (attach)
         self._in_evaluate = False  # inside the Trainer's `_evaluate`: its merged metrics are reported at its end
+        self._stepped = False  # an optimizer step ended in this train() call (evaluations before rank nothing)
         if trainer is not None:
             self.attach(trainer)
 
@@ -207,6 +208,7 @@ class CheckpointCallback(TrainerCallback):
         run.begin(max_steps=state.max_steps, step=state.global_step, resumed=state.global_step > 0,
                   framework_tracks_best=self._trainer_tracks_best())
         self._staging_prepared = False
+        self._stepped = False
 
     def _finish_run(self) -> None:
         """Flush pending writes and release the output folder; raises a background write error."""
@@ -224,6 +226,7 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         assert self.args is not None and self.run is not None
+        self._stepped = False
         model = unwrapped_model(self._trainer())
         peft = is_peft_model(model)
         # The stock Trainer loads the best checkpoint itself when its own flag is set.
@@ -248,6 +251,7 @@ class CheckpointCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.run is None:
             return
+        self._stepped = True
         if not self._staging_prepared:
             self._staging_prepared = True
             self._prepare_staging()
@@ -271,10 +275,12 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         metrics: Mapping[str, Any] | None = None, **kwargs: Any,
     ) -> None:
-        if self.run is None or metrics is None or self._in_evaluate:
-            return  # an evaluation outside train(), or one dataset of an evaluation reported whole at its end
-        # The Trainer's `_evaluate` was replaced (a patch, a subclass): each eval set is reported as it ends,
-        # and a missing metric is raised at the next event.
+        if self.run is None or metrics is None or self._in_evaluate or not self._stepped:
+            # An evaluation outside train() or before its first step (`eval_on_start`: stock ranks nothing
+            # there), or one dataset of an evaluation reported whole at its end.
+            return
+        # Not inside the Trainer's `_evaluate` (patched on the instance, or a callback calling evaluate()): each
+        # eval set is reported as it ends, and a missing metric is raised at the next event.
         if self.run.evaluated(state.global_step, metrics) and not self.run.framework_decides:
             control.should_save = True
 
@@ -287,7 +293,7 @@ class CheckpointCallback(TrainerCallback):
             metrics = evaluate(*args, **kwargs)
         finally:
             self._in_evaluate = False
-        if self.run is not None and isinstance(metrics, Mapping):
+        if self.run is not None and self._stepped and isinstance(metrics, Mapping):
             trainer = self._trainer()
             if self.run.evaluated(trainer.state.global_step, metrics) and not self.run.framework_decides:
                 trainer.control.should_save = True

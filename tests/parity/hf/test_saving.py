@@ -284,3 +284,28 @@ def test_the_trainers_best_is_kept_and_loaded_when_its_evaluate_is_patched(tmp_p
     assert_same_observations(stock, ours)
     if args.get("load_best_model_at_end"):
         assert_holds_checkpoint_weights(ours, 8)
+
+
+@pytest.mark.parametrize("given_to", ["TrainingArguments", "callback"])
+def test_an_evaluation_before_the_first_step_ranks_nothing_as_stock(tmp_path: Path, given_to: str) -> None:
+    """`eval_on_start=True`: stock evaluates before the first step but ranks nothing there (no best, no save),
+    so the untrained model's better score does not stop the saves at the later new bests."""
+    values = {0: 0.5, **LOWER_IS_BETTER}
+    flags = dict(save_strategy="best", metric_for_best_model="scripted_loss")
+
+    def scenario(run: Run) -> None:
+        options: dict[str, Any] = dict(compute_metrics=Scripted("scripted_loss", values), eval_on_start=True,
+                                       eval_strategy="steps", eval_steps=4)
+        if run.with_callback and given_to == "callback":
+            run.train(save_strategy="no", callback_flags=flags, **options)
+        else:
+            run.train(**flags, **options)
+
+    stock, ours = both(tmp_path, scenario)
+
+    assert stock.steps == [4, 8]  # the stock half's own expectation: step 0 ranked nothing
+    if given_to == "TrainingArguments":
+        assert_same_observations(stock, ours)
+    else:  # the Trainer tracks no best when the metric is the callback's
+        assert_same_checkpoint_files(stock, ours)
+        assert_same_final_model(stock, ours)
