@@ -67,6 +67,15 @@ class CheckpointCallback(TrainerCallback):
     `trainer=` when the callback is added after the Trainer was built and before `train()`; otherwise the
     Trainer is found when it fires `on_init_end` or `on_train_begin`.
 
+    A `peft` model is saved as the stock Trainer saves it: its adapters (`adapter_model.safetensors`,
+    `adapter_config.json`, `README.md`, a non-default adapter in `{name}/`), never the frozen base model; the
+    best checkpoint loaded at the end and the export are adapters too.
+
+    The Trainer's own best (`state.best_global_step`, `best_model_checkpoint`) is the run's best whenever the
+    Trainer ranks by the run's metric: retention keeps it and the end of training loads it, whichever way the
+    metric was computed. The metrics a checkpoint records are the Trainer's whole evaluation result
+    (`_evaluate`: every eval dataset, and what a subclass's `evaluate()` adds).
+
     What stays with the stock Trainer, by design:
       - `TrainingArguments(load_best_model_at_end=True)`: the Trainer loads the best checkpoint itself
         (from our files); the callback loads it only when the flag is the callback's alone.
