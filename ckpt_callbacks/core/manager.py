@@ -88,6 +88,9 @@ class CheckpointManager:
         self.resumed_from_step: int | None = None
         # Steps retention never deletes, beyond the newest and the best by manifest (e.g. the framework's own best).
         self.protected_steps: set[int] = set()
+        # Whether retention keeps the checkpoint this run resumed from (off where a framework's own rotation rule,
+        # which counts it like any other, applies: the HF Trainer's `save_total_limit`).
+        self.protect_resumed_from = True
         self._saver = Saver(async_save=self.args.async_save and self.engine_class.supports_host_staging,
                             max_in_flight=self.args.max_in_flight, on_save_error=self.args.on_save_error)
         self._open_transaction: Transaction | None = None
@@ -447,7 +450,7 @@ class CheckpointManager:
         candidates += [RetentionCandidate(foreign.step, None) for foreign in listing.foreign]
         names = {info.step: info.name for info in listing.committed} | {f.step: f.name for f in listing.foreign}
         protected = set(self.protected_steps)
-        if self.resumed_from_step is not None:
+        if self.resumed_from_step is not None and self.protect_resumed_from:
             protected.add(self.resumed_from_step)
         deleted = []
         for step in policy.steps_to_delete(candidates, protected):

@@ -33,8 +33,11 @@ from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.manager import CheckpointManager
 from ckpt_callbacks.core.preemption import PreemptionFlag
 from ckpt_callbacks.core.read.catalog import CheckpointInfo, ResumeCandidate
+from ckpt_callbacks.core.read.verify import _HINT as VERIFY_HINT
 from ckpt_callbacks.core.read.verify import find_problems
+from ckpt_callbacks.core.save.retention import RetentionPolicy
 from ckpt_callbacks.core.save.saver import SaveStats
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +77,9 @@ class RunController:
 
     `framework_args`: the save flags the framework itself runs with (the HF Trainer's own save schedule), or None
     when the framework has no schedule of its own. When their timing equals the run's, the framework decides when
-    to save (its flow keeps its own rules) and only the time interval and preemption are added here.
+    to save (its flow keeps its own rules) and only the time interval and preemption are added here. Such a
+    framework's rotation rule applies as well: `save_total_limit` counts the checkpoint a resume started from like
+    any other (the newest N and the best survive, nothing more).
 
     `agree`: the adapter's cross-rank vote (several processes must take the same decision: clocks and signals
     differ between them), or None for one process."""
@@ -85,6 +90,8 @@ class RunController:
         self.args = manager.args
         self.policy = manager.policy
         self.framework_decides = framework_args is not None and self.policy.same_timing(framework_args)
+        if framework_args is not None:
+            manager.protect_resumed_from = False
         self.preemption = PreemptionFlag()
         self.stopped_by_signal = False
         self.export_dir: Path | None = self._export_dir()
@@ -104,13 +111,26 @@ class RunController:
         that holds anything but an earlier export. `framework_tracks_best`: the framework ranks checkpoints
         itself and reports its best through `framework_best` (retention then protects exactly that one)."""
         if self.args.export_at_end and self.export_dir is not None:
-            check_export_target(self.export_dir)
+            try:
+                check_export_target(self.export_dir)
+            except CheckpointError as exc:
+                # Training and its checkpoints go ahead; the export is refused at the end unless the folder is
+                # cleared by then (it is checked again there), and nothing in it is touched either way.
+                logger.warning("%s Until then the export at the end of training will be refused; checkpoints are "
+                               "saved as usual.", exc)
         self.policy.set_max_steps(max_steps)
         self.manager.know_best()
         if resumed:
             self.manager.resumed_from_step = step
             self.policy.record_save(step)  # the step resumed from is saved already
         self._framework_tracks_best = framework_tracks_best
+        if framework_tracks_best:
+            # The framework's best (`framework_best`, protected) is the one retention keeps, not a best of its own
+            # by the metrics in the manifests (which lack the framework's metric when it came from elsewhere, and
+            # which checkpoints the framework wrote itself do not have at all).
+            keep_best = self.args.save_best_limit
+            self.manager.retention = RetentionPolicy(self.args.save_total_limit, keep_best,
+                                                     self.manager.metric_rule if keep_best else None)
         self.stopped_by_signal = False
         self._deferred_step = None
         self._metrics = None
@@ -330,8 +350,20 @@ class RunController:
                 raise problem
             return candidate.path
 
-        return self.manager.catalog.resume(requested, attempt, fallback=self.args.fallback_to_verified)
+        try:
+            return self.manager.catalog.resume(requested, attempt, fallback=self.args.fallback_to_verified)
+        except CheckpointCorruptError as exc:
+            raise with_reseal_hint(exc, self._checkpoint_folder(exc, requested)) from exc
 
+    def _checkpoint_folder(self, error: CheckpointCorruptError, requested: str | int | os.PathLike[str]) -> str:
+        """The checkpoint folder holding the file `error` names (it may lie outside the run folder)."""
+        if error.path is not None and "://" not in error.path:
+            for folder in Path(error.path).parents:
+                if layout.parse_checkpoint_step(folder.name) == error.step or _same_path(folder, requested):
+                    return str(folder)
+        if error.step is not None:
+            return self.manager.store.location(layout.checkpoint_name(error.step))
+        return str(requested)
 
     def agreed_resume_path(self, requested: str | int | os.PathLike[str], *, accept_foreign: bool = False,
                            read_ahead: Callable[[str], None] | None = None) -> str:
@@ -354,6 +386,28 @@ class RunController:
         if collective.rank != 0 and read_ahead is not None:
             read_ahead(resolved)
         return str(resolved)
+
+
+# Verification failures a deliberate change of the files explains (re-sharded weights, an edited config).
+_CHANGED_FILE_REASONS = frozenset({"missing", "size mismatch", "checksum mismatch"})
+RESEAL_COMMAND = "ckpt-callbacks reseal"
+
+
+def with_reseal_hint(error: CheckpointCorruptError, checkpoint: str) -> CheckpointCorruptError:
+    """`error` (a file that no longer matches the manifest) with the two ways out named: a checkpoint changed on
+    purpose is accepted as it now is by resealing it; a damaged one is not resumed from."""
+    if error.reason not in _CHANGED_FILE_REASONS or RESEAL_COMMAND in str(error):
+        return error
+    what = str(error).removesuffix(f" {VERIFY_HINT}")  # replaced by the two ways out below
+    message = (f"{what} The checkpoint no longer matches its manifest. If you changed {checkpoint} on purpose "
+               f"(re-sharded or converted its files), accept it as it is now with `{RESEAL_COMMAND} {checkpoint}` "
+               "and resume again; otherwise it is damaged: resume from an earlier checkpoint (pass its path, or set "
+               "fallback_to_verified=True).")
+    return CheckpointCorruptError(message, path=error.path, step=error.step, reason=error.reason)
+
+
+def _same_path(folder: Path, requested: str | int | os.PathLike[str]) -> bool:
+    return not isinstance(requested, int) and os.path.realpath(folder) == os.path.realpath(requested)
 
 
 def raise_not_committed(candidate: ResumeCandidate) -> None:

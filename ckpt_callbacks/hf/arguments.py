@@ -8,11 +8,12 @@ controller's call (`core/run.py`), from both sets of flags.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from ckpt_callbacks.config import CheckpointArguments
+from ckpt_callbacks.config import CheckpointArguments, infer_greater_is_better
 from ckpt_callbacks.core.save.policy import timing_of
 
 # The save flags TrainingArguments has under the same name and meaning.
@@ -72,10 +73,68 @@ def check_schedule_conflict(effective: CheckpointArguments, training_args: Any) 
         )
 
 
-def trainer_tracks_best(training_args: Any) -> bool:
-    """Whether the Trainer itself ranks checkpoints (sets `state.best_global_step`): it does with a metric under
-    the strategies that save during training."""
-    return training_args.metric_for_best_model is not None and enum_value(training_args.save_strategy) in TRACKED_BY_TRAINER
+def check_load_best_strategies(effective: CheckpointArguments, training_args: Any) -> None:
+    """The stock `TrainingArguments` rule for `load_best_model_at_end`, applied to the flags the callback runs with
+    (the Trainer's evaluation schedule, the callback's save flags): the same `ValueError` where stock raises."""
+    if not effective.load_best_model_at_end or effective.save_strategy == "best":
+        return
+    eval_strategy = enum_value(training_args.eval_strategy)
+    if eval_strategy != effective.save_strategy:
+        raise ValueError(
+            '--load_best_model_at_end requires the save and eval strategy to match, except when --save_strategy="best", '
+            f"but found\n- Evaluation strategy: {eval_strategy}\n- Save strategy: {effective.save_strategy}. "
+            "(load_best_model_at_end and save_strategy are CheckpointCallback flags here; eval_strategy is the "
+            "Trainer's.) Give TrainingArguments(eval_strategy=...) the callback's save_strategy, or set "
+            "save_strategy='best'.")
+    save_steps, eval_steps = effective.save_steps, training_args.eval_steps
+    if eval_strategy != "steps" or eval_steps is None:
+        return
+    if eval_steps < 1 or save_steps < 1:
+        if not (eval_steps < 1 and save_steps < 1):
+            raise ValueError(
+                "--load_best_model_at_end requires the saving steps to be a multiple of the evaluation steps, which "
+                f"cannot get guaranteed when mixing ratio and absolute steps for save_steps {save_steps} and "
+                f"eval_steps {eval_steps}.")
+        if round(save_steps * 1_000_000) % round(eval_steps * 1_000_000) != 0:
+            raise ValueError(
+                "--load_best_model_at_end requires the saving steps to be a multiple of the evaluation steps, but "
+                f"found {save_steps}, which is not a multiple of {eval_steps}.")
+    elif save_steps % eval_steps != 0:
+        raise ValueError(
+            "--load_best_model_at_end requires the saving steps to be a round multiple of the evaluation steps, but "
+            f"found {save_steps}, which is not a round multiple of {eval_steps}.")
+
+
+def trainer_tracks_best(training_args: Any, effective: CheckpointArguments | None = None) -> bool:
+    """Whether the Trainer itself ranks the checkpoints of this run (sets `state.best_global_step`): it does with a
+    metric under the strategies that save during training; with `effective`, only when the run ranks them by
+    that same metric in the same direction (a metric given to the callback alone is the callback's to track)."""
+    if training_args.metric_for_best_model is None or enum_value(training_args.save_strategy) not in TRACKED_BY_TRAINER:
+        return False
+    if effective is None:
+        return True
+    trainer_flags = CheckpointArguments(**flags_from_training_args(training_args))
+    return (effective.metric_key, effective.metric_greater_is_better) == (
+        trainer_flags.metric_key, trainer_flags.metric_greater_is_better)
+
+
+def training_args_with(training_args: Any, effective: CheckpointArguments) -> Any:
+    """What `training_args.bin` records: the Trainer's `TrainingArguments` with the save flags the run saves with
+    (a copy, unvalidated; the live arguments are left as they are). The Trainer's own object when they agree."""
+    changed = {name: getattr(effective, name) for name in TRAINER_FLAGS
+               if getattr(effective, name) != flags_from_training_args(training_args)[name]}
+    if not changed:
+        return training_args
+    recorded = copy.copy(training_args)
+    for name, value in changed.items():
+        current = getattr(training_args, name)
+        if name == "save_strategy" and hasattr(current, "value"):
+            value = type(current)(value)  # the SaveStrategy enum, as TrainingArguments holds it
+        object.__setattr__(recorded, name, value)
+    if recorded.metric_for_best_model is not None and recorded.greater_is_better is None:
+        # As TrainingArguments.__post_init__ infers it for a metric given there.
+        object.__setattr__(recorded, "greater_is_better", infer_greater_is_better(recorded.metric_for_best_model))
+    return recorded
 
 
 def enum_value(value: Any) -> Any:

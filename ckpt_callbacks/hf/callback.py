@@ -30,17 +30,24 @@ from ckpt_callbacks.errors import CheckpointNotFoundError
 from ckpt_callbacks.hf import trainer_hooks
 from ckpt_callbacks.hf.arguments import (
     check_flag_names,
+    check_load_best_strategies,
     check_schedule_conflict,
     resolve_arguments,
     trainer_tracks_best,
+    training_args_with,
 )
 from ckpt_callbacks.hf.capture import (
+    DEFAULT_ADAPTER,
+    adapter_state_dict,
+    adapter_targets,
     checkpoint_pieces,
+    is_peft_model,
     model_state_dict,
     pretrained_objects,
     processing_class_of,
     training_objects,
     unwrapped_model,
+    weight_pieces,
 )
 
 logger = logging.getLogger("ckpt_callbacks.hf")
@@ -59,6 +66,15 @@ class CheckpointCallback(TrainerCallback):
     or keyword flags (`CheckpointCallback(save_steps=50, async_save=False)`) override them. Pass
     `trainer=` when the callback is added after the Trainer was built and before `train()`; otherwise the
     Trainer is found when it fires `on_init_end` or `on_train_begin`.
+
+    A `peft` model is saved as the stock Trainer saves it: its adapters (`adapter_model.safetensors`,
+    `adapter_config.json`, `README.md`, a non-default adapter in `{name}/`), never the frozen base model; the
+    best checkpoint loaded at the end and the export are adapters too.
+
+    The Trainer's own best (`state.best_global_step`, `best_model_checkpoint`) is the run's best whenever the
+    Trainer ranks by the run's metric: retention keeps it and the end of training loads it, whichever way the
+    metric was computed. The metrics a checkpoint records are the Trainer's whole evaluation result
+    (`_evaluate`: every eval dataset, and what a subclass's `evaluate()` adds).
 
     What stays with the stock Trainer, by design:
       - `TrainingArguments(load_best_model_at_end=True)`: the Trainer loads the best checkpoint itself
@@ -95,6 +111,8 @@ class CheckpointCallback(TrainerCallback):
         self._staging_prepared = False
         self._read_ahead = ReadAhead()
         self._reads_ahead = False  # whether the Trainer's optimizer loader takes states read ahead (attach)
+        self._in_evaluate = False  # inside the Trainer's `_evaluate`: its merged metrics are reported at its end
+        self._stepped = False  # an optimizer step ended in this train() call (evaluations before rank nothing)
         if trainer is not None:
             self.attach(trainer)
 
@@ -125,9 +143,11 @@ class CheckpointCallback(TrainerCallback):
         _check_supported(trainer)
         self.args = resolve_arguments(trainer.args, self._overrides)
         check_schedule_conflict(self.args, trainer.args)
+        check_load_best_strategies(self.args, trainer.args)
         self.trainer = trainer
         trainer_hooks.shadow_save_checkpoint(trainer, self._save_checkpoint)
         trainer_hooks.wrap_train(trainer, self._resume_checkpoint, self._on_train_failure)
+        trainer_hooks.wrap_evaluate(trainer, self._evaluate_in_training)
         self._reads_ahead = trainer_hooks.loads_optimizer_like_stock(trainer)
         if self._reads_ahead:
             trainer_hooks.shadow_load_optimizer_and_scheduler(trainer, self._read_ahead.take)
@@ -193,11 +213,11 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._attach_from_stack()
-        trainer = self._trainer()
         run = self._run_for(trial=None)
         run.begin(max_steps=state.max_steps, step=state.global_step, resumed=state.global_step > 0,
-                  framework_tracks_best=trainer_tracks_best(trainer.args))
+                  framework_tracks_best=self._trainer_tracks_best())
         self._staging_prepared = False
+        self._stepped = False
 
     def _finish_run(self) -> None:
         """Flush pending writes and release the output folder; raises a background write error."""
@@ -215,22 +235,32 @@ class CheckpointCallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         assert self.args is not None and self.run is not None
+        self._stepped = False
         model = unwrapped_model(self._trainer())
+        peft = is_peft_model(model)
         # The stock Trainer loads the best checkpoint itself when its own flag is set.
-        load_best = {"model": model} if self.args.load_best_model_at_end and not args.load_best_model_at_end else None
+        load_best = None
+        if self.args.load_best_model_at_end and not args.load_best_model_at_end:
+            load_best = dict(adapter_targets(model)) if peft else {"model": model}
+        # A PEFT model is exported as `trainer.save_model(dir)` saves it: its adapters, loadable by
+        # PeftModel.from_pretrained and AutoPeftModel*; any other model as its full weights.
         export = ExportSource(
-            state_dict=lambda: model_state_dict(model),
-            pretrained_objects=pretrained_objects(model, processing_class_of(self._trainer())),
+            state_dict=(lambda: adapter_state_dict(model, DEFAULT_ADAPTER)) if peft else (lambda: model_state_dict(model)),
+            pretrained_objects=pretrained_objects(model, processing_class_of(self._trainer()), export=True),
+            weights_name="adapter_model" if peft else "model",
         )
         # once per run (should_save is true on every node with save_on_each_node)
-        self.run.end(load_best_into=load_best, export=export, is_exporting_rank=args.process_index == 0)
-        self._finish_run()
+        try:
+            self.run.end(load_best_into=load_best, export=export, is_exporting_rank=args.process_index == 0)
+        finally:
+            self._finish_run()
 
     # ------------------------------------------------------------------ when to save
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.run is None:
             return
+        self._stepped = True
         if not self._staging_prepared:
             self._staging_prepared = True
             self._prepare_staging()
@@ -254,10 +284,30 @@ class CheckpointCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
         metrics: Mapping[str, Any] | None = None, **kwargs: Any,
     ) -> None:
-        if self.run is None or metrics is None:
-            return  # an evaluation outside train()
+        if self.run is None or metrics is None or self._in_evaluate or not self._stepped:
+            # An evaluation outside train() or before its first step (`eval_on_start`: stock ranks nothing
+            # there), or one dataset of an evaluation reported whole at its end.
+            return
+        # Not inside the Trainer's `_evaluate` (patched on the instance, or a callback calling evaluate()): each
+        # eval set is reported as it ends, and a missing metric is raised at the next event.
         if self.run.evaluated(state.global_step, metrics) and not self.run.framework_decides:
             control.should_save = True
+
+    def _evaluate_in_training(self, evaluate: Any, *args: Any, **kwargs: Any) -> Any:
+        """Runs the Trainer's `_evaluate` (the evaluation of training's `eval_strategy`, every eval dataset and
+        whatever a subclass's `evaluate()` adds), then reports its whole result, before the Trainer ranks it and
+        decides on the save: a metric that ranks checkpoints and is missing raises here, as stock does."""
+        self._in_evaluate = True
+        try:
+            metrics = evaluate(*args, **kwargs)
+        finally:
+            self._in_evaluate = False
+        if self.run is not None and self._stepped and isinstance(metrics, Mapping):
+            trainer = self._trainer()
+            if self.run.evaluated(trainer.state.global_step, metrics) and not self.run.framework_decides:
+                trainer.control.should_save = True
+            self.run.check_metric_logged()
+        return metrics
 
     # ------------------------------------------------------------------ saving
 
@@ -266,10 +316,13 @@ class CheckpointCallback(TrainerCallback):
         trainer = self._trainer()
         state = trainer.state
         run = self._run_for(trial)
-        if trainer_tracks_best(trainer.args):
+        if self._trainer_tracks_best():
             run.framework_best(state.best_global_step, state.best_metric)
         step = state.global_step
-        pieces = checkpoint_pieces(trainer, trial, best_checkpoint=run.best_checkpoint_path(step))
+        assert self.args is not None
+        pieces = checkpoint_pieces(trainer, trial, best_checkpoint=run.best_checkpoint_path(step),
+                                   save_only_model=self.args.save_only_model,
+                                   training_args=training_args_with(trainer.args, self.args))
         # Deferred only while training goes on: on_pre_optimizer_step then waits for the copy. The model's
         # buffers are copied at once, since the next forward pass may update them (BatchNorm statistics).
         defer = self.defer_staging and not trainer.control.should_training_stop
@@ -284,10 +337,14 @@ class CheckpointCallback(TrainerCallback):
         if self.run is None or not self.run.policy.saves_during_training:
             return
         trainer = self._trainer()
-        state = {"model": model_state_dict(unwrapped_model(trainer))}
-        if not trainer.args.save_only_model:
+        state = weight_pieces(unwrapped_model(trainer))
+        if not self.run.args.save_only_model:
             state.update(training_objects(trainer))
         self.run.manager.prepare_staging(state)
+
+    def _trainer_tracks_best(self) -> bool:
+        """Whether the Trainer's own best (`state.best_global_step`) is the run's: it ranks by the run's metric."""
+        return trainer_tracks_best(self._trainer().args, self.args)
 
     # ------------------------------------------------------------------ reporting
 

@@ -26,6 +26,7 @@ from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
 
 SAVE_METHOD = "_save_checkpoint"
 LOAD_OPTIMIZER_METHOD = "_load_optimizer_and_scheduler"
+EVALUATE_METHOD = "_evaluate"
 
 
 def find_trainer(callback: object) -> Any | None:
@@ -62,6 +63,19 @@ def wrap_train(trainer: Any, resolve_resume: Callable[[Any], Any], on_failure: C
             raise
 
     trainer.train = train_with_checked_resume
+
+
+def wrap_evaluate(trainer: Any, around: Callable[..., Any]) -> None:
+    """Route the training loop's `_evaluate(trial, ignore_keys_for_eval, ...)` through `around(evaluate, *args)`,
+    where `evaluate` runs the method of the Trainer's class, looked up at each call (a subclass's override or a
+    patch of the class still runs). A later patch of the instance attribute replaces this wrapper."""
+
+    def evaluate_and_report(*args: Any, **kwargs: Any) -> Any:
+        method = getattr(type(trainer), EVALUATE_METHOD)
+        evaluate = method.__get__(trainer, type(trainer)) if hasattr(method, "__get__") else method
+        return around(evaluate, *args, **kwargs)
+
+    setattr(trainer, EVALUATE_METHOD, evaluate_and_report)
 
 
 def loads_optimizer_like_stock(trainer: Any) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_callbacks.core.format.engines.base import CheckpointEngine
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
 
 __all__ = ["ReadAhead"]
 
@@ -43,18 +44,25 @@ class ReadAhead:
 
     def start(self, engine_class: type[CheckpointEngine], directory: str | os.PathLike[str],
               relpaths: Sequence[str], map_location: Any = "cpu") -> None:
-        """Begin reading `relpaths` of the checkpoint in `directory`; replaces an earlier read not yet taken."""
+        """Begin reading `relpaths` of the checkpoint in `directory`; replaces an earlier read not yet taken.
+        Nothing is read when the checkpoint lacks one of them (`save_only_model`): its loader decides then."""
         self.discard()
         engine = engine_class()
         engine.open(str(directory))
+        if not all(engine.has(relpath) for relpath in relpaths):
+            return
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-read-ahead")
         self._pieces = executor.submit(_read, engine, tuple(relpaths), map_location)
         executor.shutdown(wait=False)
         self._directory = _identity(directory)
 
     def take(self, directory: str | os.PathLike[str] | None) -> dict[str, Any] | None:
-        """The pieces read for `directory` (waiting for the read to end), or None when none were read for it or
-        the read failed: the caller's own loader then reads the files and meets any error itself."""
+        """The pieces read for `directory` (waiting for the read to end), or None when none were read for it.
+
+        A read this library refused or could not do (a `CheckpointError` naming the file: a pickle that only a
+        code-running unpickle could rebuild, an unreadable file) is raised here: the caller's own loader would
+        otherwise meet the same file and fail with a rawer error, or load what was refused. Any other failure
+        returns None, and the caller's loader reads the files itself."""
         pieces, expected = self._pieces, self._directory
         self._pieces = self._directory = None
         if pieces is None:
@@ -64,6 +72,8 @@ class ReadAhead:
             return None
         try:
             return pieces.result()
+        except CheckpointError as exc:
+            raise _named(exc) from exc
         except Exception as exc:
             logger.debug("Reading %s ahead failed (%r); its loader reads it again.", expected, exc)
             return None
@@ -78,6 +88,18 @@ class ReadAhead:
 
 def _read(engine: CheckpointEngine, relpaths: tuple[str, ...], map_location: Any) -> dict[str, Any]:
     return {relpath: engine.load(relpath, map_location) for relpath in relpaths}
+
+
+def _named(error: CheckpointError) -> CheckpointError:
+    """`error`, or for a file this process may not read, an error that names the file and the fix."""
+    cause = error.__cause__ or error.__context__
+    if not isinstance(cause, PermissionError):
+        return error
+    path = error.path or cause.filename
+    return CheckpointCorruptError(
+        f"{path}: cannot be read (permission denied). Make it readable by the user this process runs as (chmod "
+        "u+r, or change its owner), then resume again.", path=None if path is None else str(path),
+        step=error.step, reason="unreadable")
 
 
 def _drop(pieces: Future[dict[str, Any]]) -> None:

@@ -19,6 +19,10 @@ from tests.parity.hf.differential import (
     Observation,
     Run,
     Scripted,
+    assert_same_checkpoint_contents,
+    assert_same_checkpoint_files,
+    assert_same_file,
+    assert_same_final_model,
     assert_same_observations,
     assert_same_tensors,
     assert_same_values,
@@ -146,3 +150,54 @@ def test_peft_export_loads_with_peft_and_holds_the_final_adapter(base_dir: Path,
     auto: Any = AutoPeftModelForCausalLM.from_pretrained(ours_export)
     assert ours.weights is not None
     assert_same_tensors(lora_weights(auto.state_dict()), lora_weights(ours.weights), "AutoPeftModel export")
+
+
+def test_peft_load_best_model_at_end_given_to_the_callback_only_loads_the_best_adapter(base_dir: Path,
+                                                                                          tmp_path: Path) -> None:
+    """The flags moved from TrainingArguments to the callback: the callback loads the best adapter itself (into
+    the live PeftModel, through peft), ending with the weights stock ends with. The checkpoints' files are the
+    same, contents included (`training_args.bin` records the flags the run saved with); `trainer_state.json`
+    is not compared: the Trainer tracks no best without a metric of its own."""
+    scores = {4: 3.0, 8: 1.0, 12: 2.0, 15: 2.5}
+    flags = dict(metric_for_best_model="scripted_loss", load_best_model_at_end=True)
+
+    def scenario(run: Run) -> None:
+        options: dict[str, Any] = dict(model=lora_factory(base_dir), compute_metrics=Scripted("scripted_loss", scores),
+                                       eval_strategy="steps", eval_steps=4, save_steps=4)
+        if run.with_callback:
+            run.train(callback_flags=flags, **options)
+        else:
+            run.train(**flags, **options)
+
+    stock, ours = both(tmp_path, scenario)
+
+    assert stock.best[1] == 8
+    assert_same_checkpoint_files(stock, ours)
+    assert_same_checkpoint_contents(stock, ours)
+    assert_same_final_model(stock, ours)
+    assert ours.weights is not None
+    assert_same_tensors(lora_weights(ours.weights), lora_weights(loaded_with_peft(base_dir, ours.checkpoint(8))),
+                        "ours: the best adapter loaded")
+
+
+def test_peft_export_of_two_adapters_holds_the_files_stock_save_model_writes(base_dir: Path, tmp_path: Path) -> None:
+    """With a second adapter, the export holds what `trainer.save_model(dir)` writes: the second adapter in its
+    own folder, the same configs and model card; both adapters load back with the final weights."""
+    def scenario(run: Run) -> None:
+        trainer = run.train(model=lora_factory(base_dir, adapters=2))
+        if not run.with_callback:
+            trainer.save_model(str(run.output_dir / "export"))
+
+    stock, ours = both(tmp_path, scenario)
+
+    stock_export, ours_export = stock.output_dir / "export", ours.output_dir / "export"
+
+    def files(folder: Path) -> set[str]:
+        return {str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()}
+
+    # training_args.bin is not part of an export; the marker file is the export's own (documented).
+    assert files(ours_export) - {".ckpt_callbacks-export.json"} == files(stock_export) - {"training_args.bin"}
+    for name in ("README.md", "adapter_config.json", "second/adapter_config.json"):
+        assert_same_file(stock_export / name, ours_export / name, stock, ours)
+    assert_same_tensors(loaded_with_peft(base_dir, ours_export, 2), loaded_with_peft(base_dir, stock_export, 2),
+                        "export")

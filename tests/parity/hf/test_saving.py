@@ -6,8 +6,10 @@ and asserts that everything a user observes is equal. The tiny GPT-2 trains 15 o
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from transformers import Trainer
@@ -15,8 +17,10 @@ from transformers import Trainer
 from tests.hf.conftest import EVAL, RandomTokens
 from tests.parity.hf.differential import (
     Run,
+    Scenario,
     Scripted,
     assert_holds_checkpoint_weights,
+    assert_same_checkpoint_contents,
     assert_same_checkpoint_files,
     assert_same_final_model,
     assert_same_observations,
@@ -138,6 +142,7 @@ def test_load_best_model_at_end_given_to_the_callback_only_ends_with_the_stock_b
 
     assert stock.best[1] == 8
     assert_same_checkpoint_files(stock, ours)
+    assert_same_checkpoint_contents(stock, ours)  # training_args.bin records the flags the run saved with
     assert_same_final_model(stock, ours)
 
 
@@ -207,3 +212,100 @@ def test_frozen_parameters_are_saved_and_trained_as_stock(tmp_path: Path) -> Non
     stock, ours = both(tmp_path, lambda run: run.train(model=frozen_embeddings_and_first_block))
 
     assert_same_observations(stock, ours)
+
+
+def callback_only_metric_scenario(trainer_options: dict[str, Any], metric: str,
+                                  greater_is_better: bool | None = None) -> Scenario:
+    """`load_best_model_at_end` and the metric that ranks checkpoints given to the stock Trainer, or moved to the
+    callback (the Trainer then tracks no best: the callback ranks the checkpoints itself)."""
+    flags: dict[str, Any] = dict(metric_for_best_model=metric, load_best_model_at_end=True)
+    if greater_is_better is not None:
+        flags["greater_is_better"] = greater_is_better
+
+    def scenario(run: Run) -> None:
+        if run.with_callback:
+            run.train(callback_flags=flags, **trainer_options, **EVALUATE)
+        else:
+            run.train(**flags, **trainer_options, **EVALUATE)
+
+    return scenario
+
+
+@pytest.mark.parametrize("source", ["several-eval-datasets", "trainer-subclass"])
+def test_a_metric_given_to_the_callback_only_ranks_as_the_stock_trainer_ranks_it(
+    tmp_path: Path, source: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The metric reaches the callback whole, whatever path it took: the second of two eval datasets, or a
+    Trainer subclass whose `evaluate()` adds it after the callbacks ran. Same checkpoints, same best weights
+    loaded at the end, and no warning (the metric is not missing)."""
+    if source == "several-eval-datasets":
+        options: dict[str, Any] = dict(eval_dataset={"first": EVAL, "second": SECOND_EVAL},
+                                       compute_metrics=Scripted("score", {len(EVAL): {}, len(SECOND_EVAL): LOWER_IS_BETTER}))
+        scenario = callback_only_metric_scenario(options, "eval_second_score", greater_is_better=False)
+    else:
+        scenario = callback_only_metric_scenario(dict(trainer_class=AddsMetricTrainer), "custom_loss")
+
+    with caplog.at_level(logging.WARNING, logger="ckpt_callbacks"):
+        stock, ours = both(tmp_path, scenario)
+
+    assert stock.error is None and stock.best[1] == 8
+    assert ours.error is None, ours.error
+    assert_same_checkpoint_files(stock, ours)
+    assert_same_checkpoint_contents(stock, ours)
+    assert_same_final_model(stock, ours)
+    assert_holds_checkpoint_weights(ours, 8)
+    warnings = [r.getMessage() for r in caplog.records if r.name.startswith("ckpt_callbacks")]
+    assert not warnings, warnings
+
+
+def evaluate_patched(values: dict[int, float], metric: str) -> Scenario:
+    """transformers' own checkpoint tests patch `trainer._evaluate` on the instance: no evaluation runs and no
+    `on_evaluate` fires, but the Trainer still ranks the metrics the patch returns."""
+    def scenario(run: Run, **args: Any) -> None:
+        trainer = run.trainer(metric_for_best_model=metric, **{**EVALUATE, **args})
+
+        def scripted(*_: Any, **__: Any) -> dict[str, float]:
+            return {f"eval_{metric}": values[trainer.state.global_step], "epoch": trainer.state.epoch or 0.0}
+
+        with patch.object(trainer, "_evaluate", side_effect=scripted):
+            trainer.train()
+    return scenario
+
+
+@pytest.mark.parametrize(
+    "args", [dict(save_total_limit=1), dict(save_total_limit=2, load_best_model_at_end=True)],
+    ids=["limit1", "limit2-load-best"],
+)
+def test_the_trainers_best_is_kept_and_loaded_when_its_evaluate_is_patched(tmp_path: Path, args: dict[str, Any]) -> None:
+    patched = evaluate_patched(LOWER_IS_BETTER, "scripted_loss")
+    stock, ours = both(tmp_path, lambda run: patched(run, **args))
+
+    assert stock.error is None and stock.best[1] == 8
+    assert_same_observations(stock, ours)
+    if args.get("load_best_model_at_end"):
+        assert_holds_checkpoint_weights(ours, 8)
+
+
+@pytest.mark.parametrize("given_to", ["TrainingArguments", "callback"])
+def test_an_evaluation_before_the_first_step_ranks_nothing_as_stock(tmp_path: Path, given_to: str) -> None:
+    """`eval_on_start=True`: stock evaluates before the first step but ranks nothing there (no best, no save),
+    so the untrained model's better score does not stop the saves at the later new bests."""
+    values = {0: 0.5, **LOWER_IS_BETTER}
+    flags = dict(save_strategy="best", metric_for_best_model="scripted_loss")
+
+    def scenario(run: Run) -> None:
+        options: dict[str, Any] = dict(compute_metrics=Scripted("scripted_loss", values), eval_on_start=True,
+                                       eval_strategy="steps", eval_steps=4)
+        if run.with_callback and given_to == "callback":
+            run.train(save_strategy="no", callback_flags=flags, **options)
+        else:
+            run.train(**flags, **options)
+
+    stock, ours = both(tmp_path, scenario)
+
+    assert stock.steps == [4, 8]  # the stock half's own expectation: step 0 ranked nothing
+    if given_to == "TrainingArguments":
+        assert_same_observations(stock, ours)
+    else:  # the Trainer tracks no best when the metric is the callback's
+        assert_same_checkpoint_files(stock, ours)
+        assert_same_final_model(stock, ours)

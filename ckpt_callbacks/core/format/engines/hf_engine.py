@@ -17,6 +17,10 @@ Pieces and their files (names in `layout`):
 | `trainer_state` | `trainer_state.json` |
 | `training_args` | `training_args.bin` (a full pickle for users' tools; never loaded) |
 | `pretrained` | what the objects' `save_pretrained` writes (`config.json`, tokenizer, `adapter_config.json`...) |
+
+A PEFT checkpoint holds what `PeftModel.save_pretrained` writes: `adapter_model.safetensors` and
+`adapter_config.json` per adapter (a non-default adapter in its own `{name}/` folder), and the model card
+`README.md`; the frozen base model is not in it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ PRETRAINED_FILES = (
     "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
     "tokenizer.model", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
 )
+PEFT_MODEL_CARD = "README.md"  # what PeftModel.save_pretrained writes beside the adapters
 
 
 def is_stock_trainer_checkpoint(folder: Path) -> bool:
@@ -144,28 +149,43 @@ class HFEngine(CheckpointEngine):
         if relpath == TRAINING_ARGS_PIECE:
             return [layout.HF_TRAINING_ARGS_FILE]
         if relpath == PRETRAINED_PIECE:
-            return [path.name for path in self._existing(PRETRAINED_FILES)]
+            return [path.relative_to(directory).as_posix() for path in self._pretrained_files()]
         return [f"{relpath}.pt"]
 
     def pieces(self) -> list[str]:
         """The pieces of the stock layout present in the open folder (for folders without a manifest)."""
         found = [piece for piece in ("model", *layout.HF_TORCH_FILES, "trainer_state") if self.has(piece)]
-        if (self.directory / layout.HF_PEFT_MODEL_FILE).is_file():
-            found.insert(0, ADAPTER_PIECE)
+        found[:0] = self._adapter_pieces()
         found += sorted("rng" + p.name.removeprefix(layout.HF_RNG_FILE_PREFIX).removesuffix(".pth")
                         for p in self.directory.glob(f"{layout.HF_RNG_FILE_PREFIX}*.pth"))
         if (self.directory / layout.HF_TRAINING_ARGS_FILE).is_file():
             found.append(TRAINING_ARGS_PIECE)
-        if self._existing(PRETRAINED_FILES):
+        if self._pretrained_files():
             found.append(PRETRAINED_PIECE)
         return found
+
+    def _adapter_pieces(self) -> list[str]:
+        """The PEFT adapters in the open folder: `adapter` at the top, `{name}/adapter` in subfolders."""
+        pieces = [ADAPTER_PIECE] if (self.directory / layout.HF_PEFT_MODEL_FILE).is_file() else []
+        pieces += sorted(f"{path.parent.name}/{ADAPTER_PIECE}"
+                         for path in self.directory.glob(f"*/{layout.HF_PEFT_MODEL_FILE}") if path.is_file())
+        return pieces
+
+    def _pretrained_files(self) -> list[Path]:
+        """What the `pretrained` piece wrote: the files `from_pretrained` needs, and for a PEFT checkpoint the model
+        card and the config of each adapter in a subfolder."""
+        files = self._existing(PRETRAINED_FILES)
+        if self._adapter_pieces():
+            files += self._existing((PEFT_MODEL_CARD,))
+            files += sorted(path for path in self.directory.glob(f"*/{layout.HF_PEFT_CONFIG_FILE}") if path.is_file())
+        return files
 
     def has(self, relpath: str) -> bool:
         if relpath == "model":
             names = (layout.HF_MODEL_FILE, layout.HF_MODEL_INDEX_FILE, layout.LEGACY_MODEL_FILE)
             return any((self.directory / name).is_file() for name in names)
         if relpath == PRETRAINED_PIECE:
-            return bool(self._existing(PRETRAINED_FILES))
+            return bool(self._pretrained_files())
         return all((self.directory / name).is_file() for name in self.files_of(relpath))
 
     def _adapter_file(self, relpath: str) -> Path:
