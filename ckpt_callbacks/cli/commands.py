@@ -51,6 +51,7 @@ from ckpt_callbacks.cli.sources import (
     ManifestCheckpoint,
     RunFolder,
     VerifyReport,
+    by_step,
     cannot_read,
     folder_names,
     is_checkpoint,
@@ -268,17 +269,29 @@ def _verify_targets(path: Path) -> tuple[list[Checkpoint], list[VerifyReport]]:
     if path.is_dir() and layout.MANIFEST_NAME not in folder_names(path):
         run = scan_run_folder(path)
         if run.checkpoints or run.damaged or run.leftovers or not is_checkpoint(path):
-            reports = [_damaged_report(d) for d in run.damaged]
+            incomplete = _reopened_incomplete(run.damaged)
+            reports = [_damaged_report(d) for d in run.damaged if d.name not in incomplete]
             reports += [VerifyReport(leftover.name, str(path / leftover.name), leftover.kind.replace(" ", "-"),
                                      "uncommitted" if leftover.uncommitted else "leftover", "none",
                                      notes=[leftover.note]) for leftover in run.leftovers]
-            return run.checkpoints, reports
+            return sorted([*run.checkpoints, *incomplete.values()], key=by_step), reports
     try:
         return [open_checkpoint(path)], []
     except CheckpointNotFoundError as exc:
         raise UsageError(f"{exc} Give a checkpoint folder, a run folder or a .ckpt file.") from None
     except CheckpointError as exc:
         return [], [_damaged_report(Damaged(path.name, str(path), layout.parse_checkpoint_step(path.name), exc))]
+
+
+def _reopened_incomplete(damaged: Sequence[Damaged]) -> dict[str, Checkpoint]:
+    """The damaged checkpoints whose manifest reads but whose files are missing or resized, opened again so that
+    `verify` names every bad file of theirs, not only the first the catalog met."""
+    reopened: dict[str, Checkpoint] = {}
+    for entry in damaged:
+        if entry.status == "incomplete":
+            with contextlib.suppress(CheckpointError, OSError):
+                reopened[entry.name] = ManifestCheckpoint.at(Path(entry.path))
+    return reopened
 
 
 def _verify_one(checkpoint: Checkpoint, mode: str, progress: Any, pieces: list[str] | None = None) -> VerifyReport:

@@ -51,7 +51,7 @@ from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError, Check
 __all__ = [
     "KIND_HF_TRAINER", "KIND_HF_WEIGHTS", "KIND_LIGHTNING", "KIND_MANIFEST", "KIND_TORCH_FILE", "Checkpoint",
     "Damaged", "FileProblem", "HFFolderCheckpoint", "Leftover", "ManifestCheckpoint", "RunFolder",
-    "TorchFileCheckpoint", "VerifyReport", "as_state_dict", "cannot_read", "folder_names", "is_checkpoint", "open_checkpoint",
+    "TorchFileCheckpoint", "VerifyReport", "as_state_dict", "by_step", "cannot_read", "folder_names", "is_checkpoint", "open_checkpoint",
     "scan_run_folder",
 ]
 
@@ -512,9 +512,14 @@ def scan_run_folder(folder: Path) -> RunFolder:
             _open_into(run, path, None, TorchFileCheckpoint)
     run.leftovers += [_leftover(folder, name) for name in listing.leftovers]
     run.leftovers += [Leftover(name, "no manifest", NO_MANIFEST_NOTE) for name in listing.uncommitted]
-    run.checkpoints.sort(key=lambda c: (c.step is None, c.step or 0, c.name))
+    run.checkpoints.sort(key=by_step)
     run.damaged.sort(key=lambda d: (d.step is None, d.step or 0, d.name))
     return run
+
+
+def by_step(checkpoint: Checkpoint) -> tuple[bool, int, str]:
+    """Sort key: by step, checkpoints without one last."""
+    return checkpoint.step is None, checkpoint.step or 0, checkpoint.name
 
 
 _NO_RULE = MetricRule("score", True)  # scanning ranks nothing; `RunFolder.marks` ranks with the rule asked for

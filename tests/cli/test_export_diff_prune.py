@@ -68,15 +68,24 @@ def test_export_of_a_lightning_ckpt_strips_the_prefix_only_when_asked(trained: P
 
 
 def test_export_never_replaces_a_folder_unless_asked(manager_runs: ManagerRuns, tmp_path: Path) -> None:
+    """An earlier export is replaced only with --overwrite; a folder no export wrote never is (issue 16)."""
     checkpoint = manager_runs.run("safetensors") / "checkpoint-30"
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
+    assert run_cli("export", manager_runs.run("safetensors") / "checkpoint-20", out).code == 0
     refused = run_cli("export", checkpoint, out)
     assert refused.code == 2 and "is not empty. Choose a new folder, or pass --overwrite" in refused.err
-    assert (out / "notes.txt").read_text() == "keep me"
+    assert torch.equal(load_export(out)["0.weight"], manager_runs.weights[20]["0.weight"])
     assert run_cli("export", checkpoint, out, "--overwrite").code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["model.safetensors"]
+    assert torch.equal(load_export(out)["0.weight"], manager_runs.weights[30]["0.weight"])
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    for extra in ((), ("--overwrite",)):
+        kept = run_cli("export", checkpoint, users, *extra)
+        assert kept.code == 2 and "was not written by an export of ckpt-callbacks" in kept.err, kept.err
+        assert "never replaced, --overwrite or not" in kept.err
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"] and (users / "notes.txt").read_text() == "keep me"
     into_itself = run_cli("export", checkpoint, checkpoint.parent, "--overwrite")
     assert into_itself.code == 2 and "holds the checkpoint being exported" in into_itself.err
     bad_size = run_cli("export", checkpoint, tmp_path / "other", "--max-shard-size", "lots")
