@@ -51,7 +51,7 @@ from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError, Check
 __all__ = [
     "KIND_HF_TRAINER", "KIND_HF_WEIGHTS", "KIND_LIGHTNING", "KIND_MANIFEST", "KIND_TORCH_FILE", "Checkpoint",
     "Damaged", "FileProblem", "HFFolderCheckpoint", "Leftover", "ManifestCheckpoint", "RunFolder",
-    "TorchFileCheckpoint", "VerifyReport", "as_state_dict", "by_step", "cannot_read", "folder_names", "is_checkpoint", "open_checkpoint",
+    "TorchFileCheckpoint", "VerifyReport", "as_state_dict", "by_step", "cannot_read", "check_readable", "folder_names", "is_checkpoint", "open_checkpoint",
     "scan_run_folder",
 ]
 
@@ -208,10 +208,14 @@ class ManifestCheckpoint(Checkpoint):
         return list(self.info.manifest.states)
 
     def load(self, state: str) -> Any:
-        return self._open_engine().load(state, "cpu")
+        engine = self._open_engine()
+        check_readable(self.path, engine.files_of(state))
+        return engine.load(state, "cpu")
 
     def describe(self, state: str) -> Any:
-        return self._open_engine().describe(state)
+        engine = self._open_engine()
+        check_readable(self.path, engine.files_of(state))
+        return engine.describe(state)
 
     def verify(self, mode: str, progress: Progress, pieces: Collection[str] | None = None) -> VerifyReport:
         """Every file the manifest lists (or those of `pieces`), one at a time (for progress); every bad one named."""
@@ -272,9 +276,11 @@ class HFFolderCheckpoint(Checkpoint):
         return self._engine.pieces()
 
     def load(self, state: str) -> Any:
+        check_readable(self.path, self._engine.files_of(state))
         return self._engine.load(state, "cpu")
 
     def describe(self, state: str) -> Any:
+        check_readable(self.path, self._engine.files_of(state))
         return self._engine.describe(state)
 
     def verify(self, mode: str, progress: Progress, pieces: Collection[str] | None = None) -> VerifyReport:
@@ -420,6 +426,20 @@ def is_checkpoint(path: Path) -> bool:
     if path.is_file():
         return path.suffix in TORCH_FILE_SUFFIXES or path.name == layout.MANIFEST_NAME
     return path.is_dir() and (layout.MANIFEST_NAME in folder_names(path) or _looks_like_hf_folder(path))
+
+
+def check_readable(folder: Path, names: list[str]) -> None:
+    """Open each existing file of a piece before its reader does: a file that cannot be read is then named with
+    the reason (the safetensors reader reports a permission problem as a missing file)."""
+    for name in names:
+        path = folder / name
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            continue  # the piece's reader says what is missing
+        except OSError as exc:
+            raise CheckpointCorruptError(f"{path}: {cannot_read(exc)}", path=str(path), reason="unreadable") from None
 
 
 def folder_names(path: Path) -> list[str]:
