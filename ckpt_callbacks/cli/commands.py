@@ -47,7 +47,6 @@ from ckpt_callbacks.cli.sources import (
     KIND_LIGHTNING,
     Checkpoint,
     Damaged,
-    FileProblem,
     ManifestCheckpoint,
     RunFolder,
     VerifyReport,
@@ -56,6 +55,7 @@ from ckpt_callbacks.cli.sources import (
     folder_names,
     is_checkpoint,
     open_checkpoint,
+    problem_from,
     scan_run_folder,
 )
 from ckpt_callbacks.config import CheckpointArguments, parse_size
@@ -298,30 +298,14 @@ def _verify_one(checkpoint: Checkpoint, mode: str, progress: Any, pieces: list[s
     """One checkpoint's report; whatever stops its check is a failure of that checkpoint, and the others go on."""
     try:
         return checkpoint.verify(mode, progress, pieces)
-    except CheckpointError as exc:
-        problem = FileProblem(_relative_name(exc.path, checkpoint.path), getattr(exc, "reason", "") or "unreadable",
-                              str(exc))
-    except OSError as exc:
-        label = _relative_name(exc.filename, checkpoint.path)
-        problem = FileProblem(label, "unreadable", f"{label}: {cannot_read(exc)}")
+    except (CheckpointError, OSError) as exc:
+        problem = problem_from(exc, checkpoint.path)
     return VerifyReport(checkpoint.name, str(checkpoint.path), checkpoint.format, "failed", "none", problems=[problem])
 
 
 def _damaged_report(damaged: Damaged) -> VerifyReport:
-    error = damaged.error
-    file = _relative_name(error.path, Path(damaged.path)) if error.path else damaged.name
-    problem = FileProblem(file, damaged.reason, str(error))
+    problem = problem_from(damaged.error, Path(damaged.path))
     return VerifyReport(damaged.name, damaged.path, UNKNOWN_FORMAT, "failed", "none", problems=[problem])
-
-
-def _relative_name(path: object, checkpoint: Path) -> str:
-    """`path` as reports name files, relative to the checkpoint's parent (checkpoint-20/model.safetensors)."""
-    if not path:
-        return checkpoint.name
-    try:
-        return Path(str(path)).absolute().relative_to(checkpoint.absolute().parent).as_posix()
-    except ValueError:
-        return str(path)
 
 
 def _render_verify(path: Path, reports: list[VerifyReport], verified: list[VerifyReport],

@@ -51,8 +51,8 @@ from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError, Check
 __all__ = [
     "KIND_HF_TRAINER", "KIND_HF_WEIGHTS", "KIND_LIGHTNING", "KIND_MANIFEST", "KIND_TORCH_FILE", "Checkpoint",
     "Damaged", "FileProblem", "HFFolderCheckpoint", "Leftover", "ManifestCheckpoint", "RunFolder",
-    "TorchFileCheckpoint", "VerifyReport", "as_state_dict", "by_step", "cannot_read", "check_readable", "folder_names", "is_checkpoint", "open_checkpoint",
-    "scan_run_folder",
+    "TorchFileCheckpoint", "VerifyReport", "as_state_dict", "by_step", "cannot_read", "check_readable", "file_label",
+    "folder_names", "is_checkpoint", "open_checkpoint", "problem_from", "scan_run_folder",
 ]
 
 KIND_MANIFEST = "ckpt_callbacks"
@@ -223,7 +223,7 @@ class ManifestCheckpoint(Checkpoint):
         manifest = self.info.manifest
         for entry in self._entries(pieces):
             one_file = dataclasses.replace(manifest, files=[entry])
-            report.problems += [_file_problem(error, self.path) for error in find_problems(self.path, one_file, mode)]
+            report.problems += [problem_from(error, self.path) for error in find_problems(self.path, one_file, mode)]
             report.files_checked += 1
             report.bytes_checked += entry.size
             progress(entry.size)
@@ -380,9 +380,9 @@ class TorchFileCheckpoint(Checkpoint):
             try:
                 verify_file(self.path, mode)
             except CheckpointCorruptError as exc:
-                report.problems.append(_file_problem(exc, self.path))
+                report.problems.append(problem_from(exc, self.path))
             except OSError as exc:
-                report.problems.append(_os_problem(self.path, self.path, exc))
+                report.problems.append(problem_from(exc, self.path, self.path))
             report.files_checked, report.bytes_checked = 1, self.size
             progress(self.size)
             report.status = "failed" if report.problems else "ok"
@@ -465,7 +465,7 @@ class Damaged:
 
     @property
     def status(self) -> str:
-        """"incomplete" (files missing or resized), "unreadable" (cannot be read) or "damaged" (anything else)."""
+        """What `list` calls it: incomplete (files missing or resized), unreadable, or damaged (anything else)."""
         if self.reason in ("missing", "size mismatch"):
             return "incomplete"
         return "unreadable" if self.reason == "unreadable" else "damaged"
@@ -500,7 +500,8 @@ class RunFolder:
         Of this library's checkpoints, the best is the catalog's (`CheckpointManager.best()` with the same rule);
         only in a folder without any, the same `MetricRule` ranks the stock Trainer's and Lightning's. The latest
         is the newest listed checkpoint (damaged ones never count), the first a resume would take."""
-        latest = self.checkpoints[-1].name if self.checkpoints else None
+        stepped = [checkpoint for checkpoint in self.checkpoints if checkpoint.step is not None] or self.checkpoints
+        latest = stepped[-1].name if stepped else None
         if rule is None:
             return None, latest
         if self.listing.committed:
@@ -613,26 +614,28 @@ def _structure_problems(files: list[Path], load: Callable[[], Any], root: Path) 
     try:
         load()
     except CheckpointError as exc:
-        return [_file_problem(exc, root)]
+        return [problem_from(exc, root)]
     except OSError as exc:
-        return [_os_problem(Path(exc.filename) if exc.filename else files[0], root, exc)]
+        return [problem_from(exc, root, files[0])]
     except ValueError as exc:
-        return [FileProblem(_label(files[0], root), "unreadable", f"{_label(files[0], root)}: unreadable ({exc}).")]
+        label = file_label(files[0], root)
+        return [FileProblem(label, "unreadable", f"{label}: unreadable ({exc}).")]
     return []
 
 
 def _crc_problem(path: Path, root: Path) -> FileProblem | None:
+    label = file_label(path, root)
     try:
         with zipfile.ZipFile(path) as archive:
             bad_member = archive.testzip()
     except OSError as exc:
-        return _os_problem(path, root, exc)
+        return problem_from(exc, root, path)
     except zipfile.BadZipFile as exc:
-        return FileProblem(_label(path, root), "unreadable", f"{_label(path, root)}: not a readable torch file ({exc}).")
+        return FileProblem(label, "unreadable", f"{label}: not a readable torch file ({exc}).")
     if bad_member is None:
         return None
-    return FileProblem(_label(path, root), "checksum mismatch",
-                       f"{_label(path, root)}: CRC mismatch in its record {bad_member}: the file is damaged. "
+    return FileProblem(label, "checksum mismatch",
+                       f"{label}: CRC mismatch in its record {bad_member}: the file is damaged. "
                        "Resume from another checkpoint.")
 
 
@@ -649,14 +652,13 @@ def _structure_note(kind: str) -> str:
             "compare; every file was loaded and torch files' CRCs checked")
 
 
-def _file_problem(error: CheckpointError, root: Path) -> FileProblem:
-    file = _label(Path(error.path), root) if error.path else root.name
-    return FileProblem(file, getattr(error, "reason", "") or "unreadable", str(error))
-
-
-def _os_problem(path: Path, root: Path, exc: OSError) -> FileProblem:
-    label = _label(path, root)
-    return FileProblem(label, "unreadable", f"{label}: {cannot_read(exc)}")
+def problem_from(error: CheckpointError | OSError, root: Path, file: Path | None = None) -> FileProblem:
+    """A failed check of checkpoint `root` as a report line: the file it names (or `file`), why, and the message."""
+    if isinstance(error, OSError):
+        label = file_label(error.filename or file or root, root)
+        return FileProblem(label, "unreadable", f"{label}: {cannot_read(error)}")
+    label = file_label(error.path or file or root, root)
+    return FileProblem(label, getattr(error, "reason", "") or "unreadable", str(error))
 
 
 def cannot_read(exc: OSError) -> str:
@@ -665,10 +667,10 @@ def cannot_read(exc: OSError) -> str:
     return f"cannot be read ({cause}). Make it readable (check its permissions and the disk), then retry."
 
 
-def _label(path: Path, root: Path) -> str:
-    """`path` relative to the checkpoint's parent, as messages name files: checkpoint-20/model.safetensors."""
+def file_label(path: str | os.PathLike[str], root: Path) -> str:
+    """`path` relative to the parent of checkpoint `root`, as messages name files: checkpoint-20/model.safetensors."""
     try:
-        return path.resolve().relative_to(root.resolve().parent).as_posix()
+        return Path(path).resolve().relative_to(root.resolve().parent).as_posix()
     except ValueError:
         return str(path)
 
