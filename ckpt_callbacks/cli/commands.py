@@ -373,8 +373,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     copied = source.pretrained_files()
     total = sum(t.numel() * t.element_size() for t in weights.values())
     with progress_bar(total, "export") as bar:
+        def advance(written: int) -> None:  # file sizes, headers included: the bar stops at the tensors' total
+            bar.update(min(written, bar.total - bar.n))
+
         export_safetensors(weights, out, max_shard_size=args.max_shard_size,
-                           pretrained_objects=[CopiedFiles(copied)] if copied else [], progress=bar.update)
+                           pretrained_objects=[CopiedFiles(copied)] if copied else [], progress=advance)
+        bar.refresh()  # show where it ended, whatever the bar's redraw interval skipped
     files = sorted(p for p in out.iterdir() if p.is_file())
     result = {"source": str(source.path), "format": source.format, "out": str(out), "tensors": len(weights),
               "bytes": total, "stripped_prefix": args.strip_prefix, "verified": not args.no_verify,
@@ -419,7 +423,7 @@ def check_export_out(out: Path, source: Path, overwrite: bool) -> None:
 
 def _verify_before_export(source: Checkpoint, state: str) -> None:
     """Check the files the export reads (the weights, and the config files copied beside them); refuse on damage."""
-    with progress_bar(_size_or_zero(source), "verify") as bar:
+    with progress_bar(None, "verify") as bar:  # bytes checked: only the files the export reads
         report = _verify_one(source, "checksum", bar.update, pieces=[state])
     if report.status == "failed":
         problems = "\n".join(f"  {problem.message}" for problem in report.problems)

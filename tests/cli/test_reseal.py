@@ -14,25 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from ckpt_callbacks import CheckpointArguments, CheckpointCorruptError, CheckpointManager
 from ckpt_callbacks.core.storage.store import LocalStore
+from tests.parity.hf.test_resume import reshard_weights
 
 from .conftest import ManagerRuns, run_cli
-
-
-def reshard(checkpoint: Path) -> None:
-    """Replace `model.safetensors` by two shards and their index, as transformers' own checkpoint tests do."""
-    weights = load_file(checkpoint / "model.safetensors")
-    names = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
-    for shard, keys in shards.items():
-        save_file({key: weights[key] for key in keys}, checkpoint / shard, metadata={"format": "pt"})
-    index = {"metadata": {}, "weight_map": {key: shard for shard, keys in shards.items() for key in keys}}
-    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
-    (checkpoint / "model.safetensors").unlink()
 
 
 def manifest_of(checkpoint: Path) -> dict:
@@ -44,7 +31,7 @@ def resharded(manager_runs: ManagerRuns, tmp_path: Path) -> Path:
     """A copy of the hf-engine run whose checkpoint-20 has re-sharded weights."""
     run = tmp_path / "run"
     shutil.copytree(manager_runs.run("hf"), run)
-    reshard(run / "checkpoint-20")
+    reshard_weights(run / "checkpoint-20")  # as transformers' own checkpoint tests do
     return run
 
 
