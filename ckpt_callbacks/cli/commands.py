@@ -396,12 +396,14 @@ def check_export_out(out: Path, source: Path, overwrite: bool) -> None:
 
     The core decides: `export_path_problem` (the run folder holding the checkpoint, one of its parents, or a
     checkpoint in it) and `check_export_target` (only an empty folder or an earlier export of this library)."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():
+        raise UsageError(f"{out} is a link; an export never replaces one. Choose a folder for the export.")
+    if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder; choose a folder for the export.")
     if source.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"{out} holds the checkpoint being exported; choose another folder.")
     run = source.parent
-    problem = export_path_problem(str(run), str(out))
+    problem = export_path_problem(str(run.resolve()), str(out.resolve()))  # links and '..' cannot hide the run
     if problem is not None:
         problem = problem.replace("output_dir", "the run folder")
         raise UsageError(f"{out} {problem} (the run folder is {run}, which holds {source.name}); choose a folder "

@@ -150,3 +150,19 @@ def test_prune_refuses_while_a_training_process_writes_the_folder(
     assert "is being written by a running training process" in result.err
     assert len(list(run.glob("checkpoint-*"))) == 3
     assert run_cli("prune", run).code == 2
+
+
+def test_export_targets_the_core_refuses_are_refused_through_links_and_dots(
+    manager_runs: ManagerRuns, copy_of: Callable[[Path], Path]
+) -> None:
+    run = copy_of(manager_runs.run("safetensors"))
+    link = run.parent / "link-to-run"
+    link.symlink_to(run, target_is_directory=True)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for out in (link, link / "checkpoint-10", run / ".." / run.name / "checkpoint-20" / "export", run.parent):
+        result = run_cli("export", run / "checkpoint-30", out, "--overwrite")
+        assert result.code == 2, (out, result.err)
+        assert "Traceback" not in result.err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    beside = run_cli("export", run / "checkpoint-30", run / "export")  # the default export folder is fine
+    assert beside.code == 0, beside.err
