@@ -31,7 +31,13 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from ckpt_callbacks.config import parse_size
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.format.safetensors_io import unique_tensors, write_safetensors
-from ckpt_callbacks.core.storage.durable import delete_tree, fsync_tree, remove_tree_quietly, replace_folder
+from ckpt_callbacks.core.storage.durable import (
+    delete_tree,
+    fsync_tree,
+    remove_stale_leftovers,
+    remove_tree_quietly,
+    replace_folder,
+)
 from ckpt_callbacks.errors import CheckpointError
 
 __all__ = ["INDEX_NAME", "check_export_target", "export_path_problem", "export_safetensors"]
@@ -64,6 +70,7 @@ def export_safetensors(
     target = Path(out_dir)
     check_export_target(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_leftovers(target.parent, final_name=target.name)  # a killed export of this same target
     staging = target.parent / layout.staging_name_for(target.name)
     staging.mkdir()
     try:

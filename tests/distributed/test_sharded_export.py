@@ -13,6 +13,7 @@ import torch
 from ckpt_callbacks.cli import main as cli
 from ckpt_callbacks.core.distributed.consolidate import export_consolidated
 from ckpt_callbacks.core.export import export_safetensors
+from ckpt_callbacks.core.format import layout
 
 from . import export_workers
 from .launch import run_on_processes
@@ -71,5 +72,6 @@ def test_export_consolidated_without_process_group_is_the_plain_export(tmp_path:
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
     written = export_consolidated(model, tmp_path / "consolidated", max_shard_size=export_workers.SHARD_SIZE)
     export_safetensors(model.state_dict(), tmp_path / "plain", max_shard_size=export_workers.SHARD_SIZE)
-    assert sorted(path.name for path in written) == sorted(os.listdir(tmp_path / "plain"))
+    # the weight files, plus the marker that makes the folder recognizable as an export of this library
+    assert sorted([path.name for path in written] + [layout.EXPORT_MARKER]) == sorted(os.listdir(tmp_path / "plain"))
     assert folder_bytes(tmp_path / "consolidated") == folder_bytes(tmp_path / "plain")

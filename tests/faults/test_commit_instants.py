@@ -21,9 +21,10 @@ import torch
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.read.verify import find_problems
+from ckpt_callbacks.core.storage import durable as durable_module
 from ckpt_callbacks.core.storage import store as store_module
 
-STORE_OPERATIONS = ("fsync_tree", "fsync_dir", "remove_tree_quietly")
+STORE_OPERATIONS = ("fsync_tree", "fsync_dir", "replace_folder", "delete_tree")
 
 
 def snapshot_before_every_operation(monkeypatch: pytest.MonkeyPatch, run_dir: Path, snapshots: Path) -> list[Path]:
@@ -102,7 +103,7 @@ def test_a_kill_before_any_operation_of_a_commit_leaves_the_old_or_the_new_set(
 def test_resave_where_names_cannot_be_exchanged_still_replaces_the_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(store_module, "exchange_paths", lambda a, b: False)  # e.g. NFS: two renames instead
+    monkeypatch.setattr(durable_module, "exchange_paths", lambda a, b: False)  # e.g. NFS: two renames instead
     manager = CheckpointManager(CheckpointArguments(output_dir=str(tmp_path), async_save=False))
     save_value(manager, 2, 2.0)
     save_value(manager, 2, 20.0)

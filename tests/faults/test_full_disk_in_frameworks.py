@@ -52,7 +52,7 @@ def train_lightning(output_dir: Path, **flags: Any) -> int:
 FRONT_ENDS = {"hf": train_hf, "lightning": train_lightning}
 # Disk sizes with room for about two checkpoints (the third is refused by the free-space check), or for none
 # (the first write runs out of space: a real ENOSPC from the file system mid-write).
-DISK_SIZES = {("hf", 2): "1m", ("hf", 0): "300k", ("lightning", 2): "200k", ("lightning", 0): "40k"}
+DISK_SIZES = {("hf", 2): "1m", ("hf", 0): "300k", ("lightning", 2): "150k", ("lightning", 0): "40k"}
 
 
 def assert_only_intact_checkpoints(folder: Path) -> list[int]:

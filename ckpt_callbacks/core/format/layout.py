@@ -27,7 +27,7 @@ __all__ = [
     "HF_TORCH_FILES", "HF_TRAINER_STATE_FILE", "HF_TRAINING_ARGS_FILE", "LEGACY_MODEL_FILE",
     "LIGHTNING_CHECKPOINT_FILE", "LOCK_NAME", "MANIFEST_NAME", "STAGING_PREFIX", "TRASH_PREFIX", "UPLOAD_MARKER",
     "checkpoint_name", "hf_rng_file", "is_leftover", "is_stale_leftover", "parse_checkpoint_step",
-    "staging_name", "staging_name_for", "trash_name",
+    "staging_file_name", "staging_name", "staging_name_for", "trash_name",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint"
@@ -56,8 +56,10 @@ HF_RNG_FILE_PREFIX = "rng_state"
 LEGACY_MODEL_FILE = "pytorch_model.bin"
 
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
-# `.staging-{final name}-{host}-{pid}-{8 hex}`; older versions wrote `.staging-{final name}-{8 hex}`.
-_WRITER_RE = re.compile(r"^(?P<rest>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+# What this library names work in progress: `.staging-{final name}-{host}-{pid}-{8 hex}` (and `.trash-...`);
+# version 0.1 wrote `.staging-checkpoint-{step}-{8 hex}`. A user's `.staging-notes` matches neither.
+_LEFTOVER_RE = re.compile(r"^\.(?:staging|trash)-(?P<rest>.+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+_OLD_LEFTOVER_RE = re.compile(rf"^\.(?:staging|trash)-{CHECKPOINT_PREFIX}-\d+-[0-9a-f]{{8}}$")
 
 
 def checkpoint_name(step: int) -> str:
@@ -89,14 +91,31 @@ def staging_name_for(final_name: str) -> str:
     return f"{STAGING_PREFIX}{final_name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def staging_file_name() -> str:
+    """A hidden, unique name to write a file under before renaming it over its target, in the target's folder.
+
+    It does not contain the target's name: Lightning numbers `hpc_ckpt_{N}.ckpt` files by the digits of every name
+    in the folder that contains "ckpt_", so a file in flight (or left by a crash) named after its target would
+    poison that numbering.
+
+    Example:
+        >>> staging_file_name()
+        '.staging-node7-4242-1a2b3c4d'
+    """
+    return f"{STAGING_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
 def trash_name(name: str) -> str:
     """The hidden name a folder gets just before it is deleted (it vanishes for readers in one rename)."""
     return f"{TRASH_PREFIX}{name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def is_leftover(name: str) -> bool:
-    """A staging or trash name: never a checkpoint; safe to delete once no writer is using it."""
-    return name.startswith((STAGING_PREFIX, TRASH_PREFIX))
+    """A staging or trash name this library gives: never a checkpoint; safe to delete once no writer uses it.
+
+    Only the exact shapes `staging_name_for` and `trash_name` make (and those of version 0.1) count: a folder a
+    user named `.staging-notes` is not ours."""
+    return bool(_LEFTOVER_RE.match(name) or _OLD_LEFTOVER_RE.match(name))
 
 
 def is_stale_leftover(name: str) -> bool:
@@ -104,10 +123,8 @@ def is_stale_leftover(name: str) -> bool:
 
     For folders where no writer lock says who writes (single files beside a stock `ModelCheckpoint`): a leftover
     of another live process, or of another host, is not ours to delete."""
-    if not is_leftover(name):
-        return False
-    match = _WRITER_RE.match(name)
-    if match is None or not match.group("rest").endswith(f"-{_host()}"):
+    match = _LEFTOVER_RE.match(name)
+    if match is None or not (match.group("rest") == _host() or match.group("rest").endswith(f"-{_host()}")):
         return False
     return not _process_alive(int(match.group("pid")))
 

@@ -34,7 +34,7 @@ from ckpt_callbacks.core.format.engines.torch_engine import load_weights_only
 from ckpt_callbacks.core.format.manifest import FileEntry, Manifest, parse_manifest
 from ckpt_callbacks.core.format.provenance import library_versions
 from ckpt_callbacks.core.storage.checksums import checksum_fd, checksum_file
-from ckpt_callbacks.core.storage.durable import fsync_dir, write_file_atomically
+from ckpt_callbacks.core.storage.durable import fsync_dir, remove_stale_leftovers, write_file_atomically
 from ckpt_callbacks.core.storage.errors import write_error
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundError
 
@@ -56,6 +56,7 @@ def save_torch_file(state: Any, path: str | os.PathLike[str], *, step: int, epoc
     target = Path(path)
     try:
         _make_parent_folder(target)
+        remove_stale_leftovers(target.parent)  # what a killed save into this folder left: the next writer cleans
         write_file_atomically(target, lambda f: _write_with_manifest(f, state, target.name, step, epoch, metrics))
     except OSError as exc:
         raise write_error(exc, target, "write the checkpoint") from exc

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
 import shutil
 import sys
@@ -20,6 +21,23 @@ from pathlib import Path
 from typing import IO, Any
 
 from ckpt_callbacks.core.format import layout
+
+__all__ = [
+    "delete_tree",
+    "exchange_paths",
+    "fsync_dir",
+    "fsync_file",
+    "fsync_tree",
+    "remove_leftover",
+    "remove_stale_leftovers",
+    "remove_tree_quietly",
+    "replace_folder",
+    "unlink_quietly",
+    "write_bytes_durably",
+    "write_file_atomically",
+]
+
+logger = logging.getLogger("ckpt_callbacks")
 
 
 def fsync_file(path: Path) -> None:
@@ -99,7 +117,7 @@ def write_file_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> N
     Example:
         >>> write_file_atomically(Path("run/last.ckpt"), lambda f: torch.save(state, f))
     """
-    staging = path.with_name(layout.staging_name_for(path.name))
+    staging = path.with_name(layout.staging_file_name())
     try:
         with open(staging, "w+b") as f:  # readable too: a writer may append to what it wrote (a zip record)
             write(f)
@@ -152,6 +170,35 @@ def delete_tree(path: Path) -> None:
 def remove_tree_quietly(path: Path) -> None:
     """`delete_tree` that ignores errors, for cleanup after another failure (that failure is the one to report)."""
     shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_leftovers(folder: Path, *, final_name: str | None = None) -> list[str]:
+    """Remove what writers that died on this host left in `folder` (staging files and folders, trash), by the
+    names `layout` gives them; `final_name` limits it to the leftovers of that one target. For folders without a
+    writer lock (single files beside a stock `ModelCheckpoint`, an export's parent folder): a leftover of a live
+    process, or of another host, is left alone. Returns the names removed; a failure is logged, not raised."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    prefixes = (f"{layout.STAGING_PREFIX}{final_name}-", f"{layout.TRASH_PREFIX}{final_name}-") if final_name else ("",)
+    stale = [name for name in names if layout.is_stale_leftover(name) and name.startswith(prefixes)]
+    return [name for name in stale if remove_leftover(folder / name)]
+
+
+def remove_leftover(path: Path) -> bool:
+    """Delete a leftover of an interrupted writer (a staging or trash file or folder); log a failure (the next
+    writer retries) and return whether it is gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            delete_tree(path)
+        else:
+            path.unlink()
+    except OSError as exc:
+        logger.error("Could not remove %s, left by an interrupted write (%s); the next writer retries. Check the "
+                     "folder's permissions.", path, exc)
+        return False
+    return True
 
 
 def unlink_quietly(path: Path) -> None:

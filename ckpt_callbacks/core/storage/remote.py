@@ -22,7 +22,7 @@ from typing import Any
 import fsspec
 
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import MAX_MANIFEST_BYTES, Manifest
+from ckpt_callbacks.core.format.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from ckpt_callbacks.core.storage.durable import remove_tree_quietly
 from ckpt_callbacks.core.storage.store import CheckpointStore
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointWriteError
@@ -35,7 +35,8 @@ class FsspecStore(CheckpointStore):
         self.fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.base = path.rstrip("/")
         self.root = url.rstrip("/")
-        self._cache = Path(cache_dir or tempfile.mkdtemp(prefix="ckpt_callbacks-cache-"))
+        # A folder of our own, even inside a cache_dir the user gives: everything in it is ours to replace.
+        self._cache = Path(tempfile.mkdtemp(prefix="ckpt_callbacks-cache-", dir=cache_dir))
 
     def _remote(self, *parts: str) -> str:
         return "/".join((self.base, *parts))
@@ -77,8 +78,13 @@ class FsspecStore(CheckpointStore):
         return staging
 
     def publish(self, staging_dir: Path, name: str) -> None:
-        if self.read_manifest(name) is not None:
-            self.delete(name)  # re-saving a step: retire the old one first, invisibly
+        if self.read_manifest(name) is not None or self.fs.exists(self._remote(name, layout.UPLOAD_MARKER)):
+            self.delete(name)  # re-saving a step (or an interrupted upload of it): retire the old one first, invisibly
+        elif self.fs.exists(self._remote(name)):
+            raise CheckpointWriteError(
+                f"{self.root}/{name} exists and was not written by ckpt_callbacks (no {layout.MANIFEST_NAME}); it is "
+                "left as it is and this checkpoint is not saved. Move it away, or give the run another output_dir.",
+                path=f"{self.root}/{name}")
         files = sorted(p for p in staging_dir.rglob("*") if p.is_file() and p.name != layout.MANIFEST_NAME)
         try:
             self.fs.pipe_file(self._remote(name, layout.UPLOAD_MARKER), b"")
@@ -117,11 +123,14 @@ class FsspecStore(CheckpointStore):
             return local
         shutil.rmtree(local, ignore_errors=True)
         local.mkdir(parents=True)
-        for path in self.fs.find(self._remote(name), withdirs=False):
-            relative = str(path).removeprefix(self._remote(name) + "/")
-            target = local / relative
+        if manifest is None:
+            return local
+        # Exactly the files the manifest lists (its parser refuses paths that leave the folder), then the manifest.
+        for entry in parse_manifest(manifest, source=f"{self.root}/{name}/{layout.MANIFEST_NAME}").files:
+            target = local / entry.path
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(path, str(target))
+            self.fs.get_file(self._remote(name, entry.path), str(target))
+        cached.write_bytes(manifest)
         return local
 
     def clean_leftovers(self) -> list[str]:
@@ -134,6 +143,6 @@ class FsspecStore(CheckpointStore):
             if self.fs.exists(self._remote(name, layout.UPLOAD_MARKER)):
                 self.fs.rm(self._remote(name), recursive=True)
                 removed.append(name)
-        for leftover in self._cache.glob(f"{layout.STAGING_PREFIX}*"):
+        for leftover in (p for p in self._cache.iterdir() if layout.is_leftover(p.name)):
             remove_tree_quietly(leftover)
         return removed
