@@ -532,13 +532,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     run = scan_run_folder(folder)
     ranking = metric_arguments(args.metric, args.greater_is_better, run.checkpoints)
     arguments = (ranking or CheckpointArguments()).replace(output_dir=str(folder))
-    with _quiet_core_warnings():  # the manager skips damaged checkpoints; they are reported below
-        manager = CheckpointManager(arguments)
-        try:
-            before = [info.step for info in manager.list()]
-            deleted = _steps_to_delete(manager, args) if args.dry_run else _prune_now(manager, args)
-        finally:
-            manager.close()
+    manager = CheckpointManager(arguments)
+    try:
+        before = [info.step for info in manager.list()]
+        deleted = _steps_to_delete(manager, args) if args.dry_run else _prune_now(manager, args)
+    finally:
+        manager.close()
     left_alone = _left_alone(run)
     result = {"dir": str(folder), "dry_run": args.dry_run, "deleted": deleted,
               "kept": [step for step in before if step not in deleted], "left_alone": sorted(left_alone),
@@ -561,6 +560,7 @@ def _left_alone(run: RunFolder) -> dict[str, str]:
 
 @contextlib.contextmanager
 def _quiet_core_warnings() -> Iterator[None]:
+    """Core log records below ERROR off: the command reports what they say; errors (a failed delete) still show."""
     core_logger = logging.getLogger("ckpt_callbacks")
     level = core_logger.level
     core_logger.setLevel(logging.ERROR)
@@ -852,7 +852,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
     try:
         _import_modules(args.imports)
-        return int(args.handler(args))
+        with _quiet_core_warnings():  # what the core warns about (a damaged checkpoint skipped), the output reports
+            return int(args.handler(args))
     except UsageError as exc:
         print(f"ckpt-callbacks {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

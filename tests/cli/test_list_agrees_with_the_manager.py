@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
+from ckpt_callbacks.core.format import layout
 
 from .conftest import ManagerRuns, run_cli
 
@@ -92,7 +93,7 @@ def test_leftovers_are_reported_with_who_removes_them(manager_runs: ManagerRuns,
     run = copy_of(manager_runs.run("safetensors"))
     trash = ".trash-checkpoint-5-host-1-0badc0de"
     (run / trash).mkdir()
-    dead_writer = f".staging-last.ckpt-{os.uname().nodename}-999999-0badc0de"  # a pid no process has
+    dead_writer = layout.staging_name_for("last.ckpt").replace(f"-{os.getpid()}-", "-999999-")  # a pid nobody has
     (run / dead_writer).write_bytes(b"half a file")
     (run / "checkpoint-40").mkdir()  # no manifest, not the stock Trainer's
     result = run_cli("list", run)

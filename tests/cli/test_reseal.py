@@ -8,7 +8,6 @@ manifest unsafe, or the checkpoint unloadable, is refused with nothing changed.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from ckpt_callbacks import CheckpointArguments, CheckpointCorruptError, CheckpointManager
+from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.storage.store import LocalStore
 from tests.parity.hf.test_resume import reshard_weights
 
@@ -121,7 +121,7 @@ def test_reseal_usage_errors(manager_runs: ManagerRuns, trained: Path) -> None:
 
 def test_reseal_leaves_out_the_leftover_of_an_interrupted_manifest_write(resharded: Path) -> None:
     checkpoint = resharded / "checkpoint-20"
-    leftover = checkpoint / f".staging-manifest.json-{os.uname().nodename}-999999-0badc0de"
+    leftover = checkpoint / layout.staging_name_for("manifest.json")
     leftover.write_text("{}")
     report = run_cli("reseal", checkpoint, "--json").json()
     assert report["ignored"] == [leftover.name] and report["written"] is True
