@@ -94,7 +94,7 @@ REGIONS: dict[str, Callable[[], str]] = {
     "flags": flags_region,
     "manifest": manifest_region,
     **{f"cli-{name}": (lambda name=name: cli_region(name))
-       for name in ("list", "inspect", "verify", "export", "prune", "diff")},
+       for name in ("list", "inspect", "verify", "export", "prune", "diff", "reseal")},
 }
 _REGION_RE = re.compile(r"(<!-- BEGIN GENERATED: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- END GENERATED: (?P=name) -->)",
                         re.S)

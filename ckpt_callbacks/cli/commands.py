@@ -1,25 +1,27 @@
-"""`ckpt-callbacks`: list, inspect, verify, export, prune and diff checkpoints from a shell.
+"""`ckpt-callbacks`: list, inspect, verify, export, prune, diff and reseal checkpoints from a shell.
 
-Thin over the core: checks are the manifest's (`core/manifest.py`), retention is the
-manager's, the export is `core/export.py`. `cli_sources.py` opens every kind of checkpoint
-(this library's, the stock Trainer's, Lightning's `.ckpt`); `cli_output.py` formats.
+A thin reader over the core: which checkpoints a run folder holds, which count, and which is best and latest
+come from the catalog (`core/read/catalog.py`), the same answer `CheckpointManager.list()`/`best()` give;
+checks are `core/read/verify.py`'s; retention is the manager's; the export is `core/export.py`'s; a reseal
+is `core/save/reseal.py`'s. `sources.py` opens every kind of checkpoint (this library's through the core, and
+the foreign formats: the stock Trainer's folders, Lightning's `.ckpt`); `output.py` formats.
 
-Tables go to stdout, `--json` prints one JSON document instead, progress bars go to
-stderr and only on a terminal. Exit codes: 0 ok, 1 problems found (a failed check, a
-difference, a checkpoint that cannot be read), 2 usage errors.
+Tables go to stdout, `--json` prints one JSON document instead, progress bars go to stderr and only on a
+terminal. Exit codes: 0 ok, 1 problems found (a failed check, a difference, a checkpoint or file that cannot
+be read), 2 usage errors. No command ends in a traceback: an unreadable file or folder is named, with the fix.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import math
 import os
 import shutil
 import sys
-import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -44,36 +46,41 @@ from ckpt_callbacks.cli.sources import (
     KIND_HF_TRAINER,
     KIND_LIGHTNING,
     Checkpoint,
-    FileProblem,
+    Damaged,
     ManifestCheckpoint,
     RunFolder,
     VerifyReport,
+    by_step,
+    cannot_read,
+    folder_names,
     is_checkpoint,
     open_checkpoint,
+    problem_from,
     scan_run_folder,
 )
 from ckpt_callbacks.config import CheckpointArguments, parse_size
-from ckpt_callbacks.core.best import MetricRule
-from ckpt_callbacks.core.export import export_safetensors
+from ckpt_callbacks.core.best import DEFAULT_SCORE_KEY, MetricRule, metric_rule_for
+from ckpt_callbacks.core.export import check_export_target, export_path_problem, export_safetensors
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.manager import CheckpointManager
+from ckpt_callbacks.core.save.reseal import ResealResult, plan_reseal, reseal_checkpoint
 from ckpt_callbacks.core.save.retention import RetentionCandidate, RetentionPolicy
-from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError
+from ckpt_callbacks.core.storage.store import LocalStore
+from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
+
+__all__ = ["EXIT_OK", "EXIT_PROBLEMS", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1
 EXIT_USAGE = 2
-DEFAULT_METRICS = ("score", "eval_loss")  # what `save_score` writes, then what Trainer evaluations write
-# Files that `from_pretrained` needs beside the weights; an export of a Hugging Face checkpoint copies them.
-PRETRAINED_FILE_NAMES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "chat_template.jinja",
-    "preprocessor_config.json", "processor_config.json",
-)
+# What ranks checkpoints when --metric is not given: a `save_score`, then what Trainer evaluations write.
+DEFAULT_METRICS = (DEFAULT_SCORE_KEY, "eval_loss")
 MAX_METRIC_COLUMNS = 4
 _HIDDEN_METRIC_SUFFIXES = ("_runtime", "_per_second")
-LEFTOVER_NOTE = "an interrupted save, never visible as a checkpoint; the next training run in this folder removes it"
 _DIFF_CHUNK = 1 << 24
+UNKNOWN_FORMAT = "unknown"  # the format of a checkpoint whose manifest cannot be read
+_MARKS = {"incomplete": "INCOMPLETE (run verify)", "unreadable": "UNREADABLE (run verify)",
+          "damaged": "DAMAGED (run verify)"}
 
 
 class UsageError(Exception):
@@ -86,17 +93,18 @@ class UsageError(Exception):
 def cmd_list(args: argparse.Namespace) -> int:
     folder = existing_folder(args.dir)
     run = scan_run_folder(folder)
-    if not run.checkpoints and not run.unreadable and is_checkpoint(folder):
+    if not run.checkpoints and not run.damaged and is_checkpoint(folder):
         raise UsageError(f"{folder} is one checkpoint, not a run folder: list {folder.parent}, or inspect {folder}.")
     rule = metric_rule(args.metric, args.greater_is_better, run.checkpoints)
-    rows = [_list_row(c) for c in run.checkpoints]
-    _mark_best_and_latest(rows, rule)
+    best, latest = run.marks(rule)
     result = {
         "dir": str(folder),
         "metric": None if rule is None else {"name": rule.key, "greater_is_better": rule.greater_is_better},
-        "checkpoints": rows,
-        "unreadable": [{"name": name, "error": str(exc)} for name, exc in run.unreadable],
-        "uncommitted": run.leftovers,
+        "checkpoints": [_list_row(c, best, latest) for c in run.checkpoints],
+        "damaged": [_damaged_row(d) for d in run.damaged],
+        "unreadable": [{"name": d.name, "error": str(d.error)} for d in run.unreadable],
+        "uncommitted": [leftover.name for leftover in run.leftovers if leftover.uncommitted],
+        "leftovers": [asdict(leftover) for leftover in run.leftovers],
     }
     if args.json:
         print_json(result)
@@ -105,26 +113,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _list_row(checkpoint: Checkpoint) -> dict[str, Any]:
-    problems = checkpoint.problems_by_size() if isinstance(checkpoint, ManifestCheckpoint) else []
+def _list_row(checkpoint: Checkpoint, best: str | None, latest: str | None) -> dict[str, Any]:
     return {
         "name": checkpoint.name, "path": str(checkpoint.path), "format": checkpoint.format,
         "step": checkpoint.step, "epoch": checkpoint.epoch, "metrics": checkpoint.metrics, "size": checkpoint.size,
-        "status": "incomplete" if problems else "ok", "problems": [p.message for p in problems],
-        "best": False, "latest": False,
+        "status": "ok", "best": checkpoint.name == best, "latest": checkpoint.name == latest,
     }
 
 
-def _mark_best_and_latest(rows: list[dict[str, Any]], rule: MetricRule | None) -> None:
-    """Rows are sorted by step; incomplete checkpoints are never best nor latest."""
-    intact = [i for i, row in enumerate(rows) if row["status"] == "ok"]
-    if intact:
-        rows[intact[-1]]["latest"] = True
-    if rule is not None:
-        scored = [(i, v) for i in intact if (v := rule.value_in(rows[i]["metrics"])) is not None]
-        ranked = rule.ranked(scored)
-        if ranked:
-            rows[ranked[0]]["best"] = True
+def _damaged_row(damaged: Damaged) -> dict[str, Any]:
+    return {"name": damaged.name, "path": damaged.path, "step": damaged.step, "status": damaged.status,
+            "reason": damaged.reason, "error": str(damaged.error)}
 
 
 def _render_list(result: Mapping[str, Any]) -> str:
@@ -146,9 +145,15 @@ def _render_list(result: Mapping[str, Any]) -> str:
         lines.append(f"best by {metric['name']} ({'higher' if metric['greater_is_better'] else 'lower'} is better)")
     if len(all_metrics) > len(metric_names):
         lines.append(f"{len(all_metrics) - len(metric_names)} more metric(s) (timings, throughput) with --json")
-    lines += [f"incomplete: {row['name']}: {problem}" for row in rows for problem in row["problems"]]
-    lines += [f"unreadable: {entry['name']}: {entry['error']}" for entry in result["unreadable"]]
-    lines += [f"uncommitted: {name} ({LEFTOVER_NOTE})" for name in result["uncommitted"]]
+    damaged = result["damaged"]
+    if damaged:
+        lines.append(f"{len(damaged)} damaged checkpoint(s), not listed above: never resumed from, never deleted "
+                     "by retention")
+        lines.append(format_table(None, [(d["name"], _text(d["step"]), _MARKS[d["status"]]) for d in damaged]))
+        lines += [f"{d['status']}: {d['name']}: {d['error']}" for d in damaged]
+    for leftover in result["leftovers"]:
+        label = "uncommitted" if leftover["kind"] != "trash" else "leftover"
+        lines.append(f"{label}: {leftover['name']} ({leftover['note']})")
     return "\n".join(lines)
 
 
@@ -161,8 +166,6 @@ def _metric_columns(names: set[str], ranking: list[str]) -> list[str]:
 
 
 def _marks(row: Mapping[str, Any]) -> str:
-    if row["status"] != "ok":
-        return "INCOMPLETE (run verify)"
     return ", ".join(mark for mark in ("best", "latest") if row[mark])
 
 
@@ -179,6 +182,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             summaries[state] = summarize_state(state, checkpoint.describe(state))
         except CheckpointError as exc:
             errors[state] = str(exc)
+        except OSError as exc:
+            errors[state] = f"{exc.filename or state}: {cannot_read(exc)}"
     result = {**_identity(checkpoint), "manifest": _manifest_metadata(checkpoint), "states": summaries, "errors": errors}
     if args.json:
         print_json(result)
@@ -241,13 +246,13 @@ def _time(timestamp: float) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     path = existing_path(args.path)
-    if path.is_file() and (path.parent / layout.MANIFEST_NAME).is_file():
+    if path.is_file() and layout.MANIFEST_NAME in folder_names(path.parent):
         path = path.parent  # a file inside one of our checkpoints: check the whole checkpoint
     checkpoints, reports = _verify_targets(path)
-    with progress_bar(sum(c.size for c in checkpoints), "verify") as bar:
-        reports = [c.verify(args.check, bar.update) for c in checkpoints] + reports
-    reports.sort(key=lambda r: r.status == "uncommitted")
-    verified = [r for r in reports if r.status != "uncommitted"]
+    with progress_bar(sum(_size_or_zero(c) for c in checkpoints), "verify") as bar:
+        reports = [_verify_one(c, args.check, bar.update) for c in checkpoints] + reports
+    reports.sort(key=lambda r: r.status in ("uncommitted", "leftover"))
+    verified = [r for r in reports if r.status in ("ok", "failed")]
     failed = [r for r in verified if r.status == "failed"]
     if args.json:
         print_json({"path": str(path), "ok": bool(verified) and not failed, "checkpoints": [asdict(r) for r in reports]})
@@ -257,29 +262,50 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _verify_targets(path: Path) -> tuple[list[Checkpoint], list[VerifyReport]]:
-    """The checkpoints to check, and reports for what cannot be opened or is an uncommitted leftover.
+    """The checkpoints to check, and reports for what is damaged, cannot be read, or is an interrupted writer's.
 
     A folder holding checkpoints is a run folder even when it also holds weights of its own (a Trainer's
     `output_dir` after `save_model()`)."""
-    if path.is_dir() and not (path / layout.MANIFEST_NAME).is_file():
+    if path.is_dir() and layout.MANIFEST_NAME not in folder_names(path):
         run = scan_run_folder(path)
-        if run.checkpoints or run.unreadable or run.leftovers or not is_checkpoint(path):
-            reports = [_unreadable_report(name, path / name, exc) for name, exc in run.unreadable]
-            reports += [VerifyReport(name, str(path / name), "staging", "uncommitted", "none", notes=[LEFTOVER_NOTE])
-                        for name in run.leftovers]
-            return run.checkpoints, reports
+        if run.checkpoints or run.damaged or run.leftovers or not is_checkpoint(path):
+            incomplete = _reopened_incomplete(run.damaged)
+            reports = [_damaged_report(d) for d in run.damaged if d.name not in incomplete]
+            reports += [VerifyReport(leftover.name, str(path / leftover.name), leftover.kind.replace(" ", "-"),
+                                     "uncommitted" if leftover.uncommitted else "leftover", "none",
+                                     notes=[leftover.note]) for leftover in run.leftovers]
+            return sorted([*run.checkpoints, *incomplete.values()], key=by_step), reports
     try:
         return [open_checkpoint(path)], []
     except CheckpointNotFoundError as exc:
         raise UsageError(f"{exc} Give a checkpoint folder, a run folder or a .ckpt file.") from None
     except CheckpointError as exc:
-        return [], [_unreadable_report(path.name, path, exc)]
+        return [], [_damaged_report(Damaged(path.name, str(path), layout.parse_checkpoint_step(path.name), exc))]
 
 
-def _unreadable_report(name: str, path: Path, error: CheckpointError) -> VerifyReport:
-    file = f"{name}/{layout.MANIFEST_NAME}" if path.is_dir() else name
-    problem = FileProblem(file, getattr(error, "reason", "") or "unreadable", str(error))
-    return VerifyReport(name, str(path), "unknown", "failed", "none", problems=[problem])
+def _reopened_incomplete(damaged: Sequence[Damaged]) -> dict[str, Checkpoint]:
+    """The damaged checkpoints whose manifest reads but whose files are missing or resized, opened again so that
+    `verify` names every bad file of theirs, not only the first the catalog met."""
+    reopened: dict[str, Checkpoint] = {}
+    for entry in damaged:
+        if entry.status == "incomplete":
+            with contextlib.suppress(CheckpointError, OSError):
+                reopened[entry.name] = ManifestCheckpoint.at(Path(entry.path))
+    return reopened
+
+
+def _verify_one(checkpoint: Checkpoint, mode: str, progress: Any, pieces: list[str] | None = None) -> VerifyReport:
+    """One checkpoint's report; whatever stops its check is a failure of that checkpoint, and the others go on."""
+    try:
+        return checkpoint.verify(mode, progress, pieces)
+    except (CheckpointError, OSError) as exc:
+        problem = problem_from(exc, checkpoint.path)
+    return VerifyReport(checkpoint.name, str(checkpoint.path), checkpoint.format, "failed", "none", problems=[problem])
+
+
+def _damaged_report(damaged: Damaged) -> VerifyReport:
+    problem = problem_from(damaged.error, Path(damaged.path))
+    return VerifyReport(damaged.name, damaged.path, UNKNOWN_FORMAT, "failed", "none", problems=[problem])
 
 
 def _render_verify(path: Path, reports: list[VerifyReport], verified: list[VerifyReport],
@@ -301,7 +327,7 @@ def _render_verify(path: Path, reports: list[VerifyReport], verified: list[Verif
 
 
 def _verify_detail(report: VerifyReport) -> str:
-    if report.status == "uncommitted":
+    if report.status in ("uncommitted", "leftover"):
         return report.notes[0]
     if report.status == "failed":
         return f"{len(report.problems)} bad file(s)"
@@ -309,6 +335,13 @@ def _verify_detail(report: VerifyReport) -> str:
     if what is None:
         return report.notes[0] if report.notes else "ok"
     return f"{what} of {report.files_checked} file(s), {format_size(report.bytes_checked)}"
+
+
+def _size_or_zero(checkpoint: Checkpoint) -> int:
+    try:
+        return checkpoint.size
+    except OSError:
+        return 0  # its check reports why it cannot be read
 
 
 # --------------------------------------------------------------------------------------- export
@@ -328,18 +361,27 @@ class CopiedFiles:
 def cmd_export(args: argparse.Namespace) -> int:
     source = one_checkpoint(args.ckpt)
     out = Path(args.out)
-    _check_export_target(out, source.path, args.overwrite)
+    check_export_out(out, source.path, args.overwrite)
     try:
         parse_size(args.max_shard_size)
     except ValueError as exc:
         raise UsageError(str(exc).replace("max_shard_size=", "--max-shard-size ")) from None
-    weights = strip_prefix(source.weights(args.state), args.strip_prefix)
+    state = args.state or source.weights_state()
+    if not args.no_verify:
+        _verify_before_export(source, state)
+    weights = strip_prefix(source.weights(state), args.strip_prefix)
+    copied = source.pretrained_files()
     total = sum(t.numel() * t.element_size() for t in weights.values())
-    with progress_bar(total, "export") as bar, _watch_export(out, bar):
-        export_safetensors(weights, out, max_shard_size=args.max_shard_size, pretrained_objects=_pretrained_files(source))
+    with progress_bar(total, "export") as bar:
+        def advance(written: int) -> None:  # file sizes, headers included: the bar stops at the tensors' total
+            bar.update(min(written, bar.total - bar.n))
+
+        export_safetensors(weights, out, max_shard_size=args.max_shard_size,
+                           pretrained_objects=[CopiedFiles(copied)] if copied else [], progress=advance)
+        bar.refresh()  # show where it ended, whatever the bar's redraw interval skipped
     files = sorted(p for p in out.iterdir() if p.is_file())
     result = {"source": str(source.path), "format": source.format, "out": str(out), "tensors": len(weights),
-              "bytes": total, "stripped_prefix": args.strip_prefix,
+              "bytes": total, "stripped_prefix": args.strip_prefix, "verified": not args.no_verify,
               "files": [{"name": f.name, "size": f.stat().st_size} for f in files]}
     if args.json:
         print_json(result)
@@ -349,14 +391,47 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_export_target(out: Path, source: Path, overwrite: bool) -> None:
+def check_export_out(out: Path, source: Path, overwrite: bool) -> None:
+    """Refuse an export target that the core refuses, and an earlier export unless `--overwrite` replaces it.
+
+    The core decides: `export_path_problem` (the run folder holding the checkpoint, one of its parents, or a
+    checkpoint in it) and `check_export_target` (only an empty folder or an earlier export of this library)."""
+    if out.is_symlink():
+        raise UsageError(f"{out} is a link; an export never replaces one. Choose a folder for the export.")
     if out.exists() and not out.is_dir():
         raise UsageError(f"{out} exists and is not a folder; choose a folder for the export.")
     if source.resolve().is_relative_to(out.resolve()):
         raise UsageError(f"{out} holds the checkpoint being exported; choose another folder.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UsageError(f"{out} is not empty. Choose a new folder, or pass --overwrite to replace it "
-                         "(everything in it is deleted).")
+    run = source.parent
+    problem = export_path_problem(str(run.resolve()), str(out.resolve()))  # links and '..' cannot hide the run
+    if problem is not None:
+        problem = problem.replace("output_dir", "the run folder")
+        raise UsageError(f"{out} {problem} (the run folder is {run}, which holds {source.name}); choose a folder "
+                         f"of its own, e.g. {run / 'export'}. It is never replaced, --overwrite or not.")
+    if not out.exists():
+        return
+    entries = folder_names(out)
+    try:
+        check_export_target(out)
+    except CheckpointError:
+        shown = ", ".join(repr(name) for name in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise UsageError(
+            f"{out} is not empty and was not written by an export of ckpt-callbacks (it holds {shown}): it is never "
+            "replaced, --overwrite or not. Choose a new or empty folder, or move those files away.") from None
+    if entries and not overwrite:
+        raise UsageError(f"{out} is not empty. Choose a new folder, or pass --overwrite to replace it (it holds an "
+                         "earlier export of ckpt-callbacks).")
+
+
+def _verify_before_export(source: Checkpoint, state: str) -> None:
+    """Check the files the export reads (the weights, and the config files copied beside them); refuse on damage."""
+    with progress_bar(None, "verify") as bar:  # bytes checked: only the files the export reads
+        report = _verify_one(source, "checksum", bar.update, pieces=[state])
+    if report.status == "failed":
+        problems = "\n".join(f"  {problem.message}" for problem in report.problems)
+        raise CheckpointError(
+            f"{source.name} failed verification, so nothing was exported:\n{problems}\nResume or export from another "
+            "checkpoint; pass --no-verify to export what the files hold anyway.", path=str(source.path))
 
 
 def strip_prefix(weights: dict[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
@@ -370,39 +445,6 @@ def strip_prefix(weights: dict[str, torch.Tensor], prefix: str | None) -> dict[s
             f"(e.g. {without[0]!r}). Give the prefix every name shares, or leave the option out."
         )
     return {name[len(prefix):]: tensor for name, tensor in weights.items()}
-
-
-def _pretrained_files(source: Checkpoint) -> list[CopiedFiles]:
-    if source.path.is_file():
-        return []
-    files = [source.path / name for name in PRETRAINED_FILE_NAMES if (source.path / name).is_file()]
-    return [CopiedFiles(files)] if files else []
-
-
-@contextlib.contextmanager
-def _watch_export(out: Path, bar: Any) -> Iterator[None]:
-    """Advance `bar` as the shards grow in the export's hidden staging folder (only when the bar is shown).
-
-    `export_safetensors` reports no progress itself; it builds `OUT` as `.staging-OUT-{id}` beside it."""
-    if bar.disable:
-        yield
-        return
-    done = threading.Event()
-
-    def poll() -> None:
-        while not done.wait(0.2):
-            shards = out.parent.glob(f"{layout.STAGING_PREFIX}{out.name}-*/*.safetensors")
-            written = sum(f.stat().st_size for f in shards if f.is_file())
-            bar.update(max(0, min(written, bar.total) - bar.n))
-
-    watcher = threading.Thread(target=poll, daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        done.set()
-        watcher.join()
-        bar.update(bar.total - bar.n)
 
 
 # ----------------------------------------------------------------------------------------- diff
@@ -488,18 +530,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.keep_last is None and args.keep_best is None:
         raise UsageError("say what to keep: --keep-last N, --keep-best N, or both.")
     run = scan_run_folder(folder)
-    rule = metric_rule(args.metric, args.greater_is_better, run.checkpoints)
-    arguments = CheckpointArguments(output_dir=str(folder), metric_for_best_model=None if rule is None else rule.aliases[0],
-                                    greater_is_better=None if rule is None else rule.greater_is_better)
-    with _quiet_core_warnings():  # the manager skips damaged checkpoints with a warning; reported below
-        manager = CheckpointManager(arguments)
-        try:
-            before = [info.step for info in manager.list()]
-            deleted = _steps_to_delete(manager, args) if args.dry_run else _prune_now(manager, args)
-        finally:
-            manager.close()
+    ranking = metric_arguments(args.metric, args.greater_is_better, run.checkpoints)
+    arguments = (ranking or CheckpointArguments()).replace(output_dir=str(folder))
+    manager = CheckpointManager(arguments)
+    try:
+        before = [info.step for info in manager.list()]
+        deleted = _steps_to_delete(manager, args) if args.dry_run else _prune_now(manager, args)
+    finally:
+        manager.close()
+    left_alone = _left_alone(run)
     result = {"dir": str(folder), "dry_run": args.dry_run, "deleted": deleted,
-              "kept": [step for step in before if step not in deleted], "left_alone": _left_alone(run, before)}
+              "kept": [step for step in before if step not in deleted], "left_alone": sorted(left_alone),
+              "problems": {name: problem for name, problem in sorted(left_alone.items()) if problem}}
     if args.json:
         print_json(result)
     else:
@@ -507,15 +549,18 @@ def cmd_prune(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _left_alone(run: RunFolder, listed_steps: list[int]) -> list[str]:
-    """What prune never deletes: damaged checkpoints and anything without a manifest of this library."""
-    names = [name for name, _ in run.unreadable]
-    names += [c.name for c in run.checkpoints if not (isinstance(c, ManifestCheckpoint) and c.step in listed_steps)]
-    return sorted(names)
+def _left_alone(run: RunFolder) -> dict[str, str]:
+    """What prune never deletes, with what is wrong where something is: damaged checkpoints, and anything
+    without a manifest of this library (stock Trainer folders, .ckpt files, checkpoint-N folders without one)."""
+    names = {damaged.name: str(damaged.error) for damaged in run.damaged}
+    names.update({c.name: "" for c in run.checkpoints if not isinstance(c, ManifestCheckpoint)})
+    names.update({leftover.name: "" for leftover in run.leftovers if leftover.kind == "no manifest"})
+    return names
 
 
 @contextlib.contextmanager
 def _quiet_core_warnings() -> Iterator[None]:
+    """Core log records below ERROR off: the command reports what they say; errors (a failed delete) still show."""
     core_logger = logging.getLogger("ckpt_callbacks")
     level = core_logger.level
     core_logger.setLevel(logging.ERROR)
@@ -532,14 +577,20 @@ def _steps_to_delete(manager: CheckpointManager, args: argparse.Namespace) -> li
 
 
 def _prune_now(manager: CheckpointManager, args: argparse.Namespace) -> list[int]:
-    try:
-        manager.store.acquire_writer_lock()
-    except CheckpointError:
-        raise CheckpointError(
-            f"{manager.store.root} is being written by a running training process (its lock is held). "
-            "Prune after it ends, or let that run's save_total_limit do it."
-        ) from None
+    take_writer_lock(manager.store.acquire_writer_lock, manager.store.root,
+                     "Prune after it ends, or let that run's save_total_limit do it.")
     return manager.prune(args.keep_last, args.keep_best)
+
+
+def take_writer_lock(acquire: Any, root: str, then: str) -> None:
+    """Take a run folder's writer lock (`acquire`), or say that a training process holds it and what to do."""
+    try:
+        acquire()
+    except CheckpointWriteError:
+        raise  # the folder cannot be written at all: that error says why
+    except CheckpointError:
+        raise CheckpointError(f"{root} is being written by a running training process (its lock is held). {then}",
+                              path=root) from None
 
 
 def _render_prune(result: Mapping[str, Any]) -> str:
@@ -549,24 +600,90 @@ def _render_prune(result: Mapping[str, Any]) -> str:
     lines = [f"{verb}: {', '.join(names) or 'nothing'}", f"kept: {', '.join(kept) or 'nothing'}"]
     if result["left_alone"]:
         lines.append(f"left alone (damaged, or without a manifest; see `verify`): {', '.join(result['left_alone'])}")
+        lines += [f"  {name}: {problem}" for name, problem in result["problems"].items()]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------- reseal
+
+
+def cmd_reseal(args: argparse.Namespace) -> int:
+    path = existing_path(args.ckpt)
+    if not path.is_dir():
+        raise UsageError(f"{path} is a file; reseal works on a checkpoint folder holding {layout.MANIFEST_NAME} (a "
+                         ".ckpt file carries its manifest inside: save it again instead).")
+    if layout.MANIFEST_NAME not in folder_names(path):
+        raise UsageError(f"{path} has no {layout.MANIFEST_NAME}: not a checkpoint of this library, so there is "
+                         "nothing to reseal.")
+    if args.dry_run:
+        result = plan_reseal(path)
+    else:
+        with _run_folder_locked(path):
+            result = reseal_checkpoint(path)
+    report = _reseal_report(result, args.dry_run)
+    if args.json:
+        print_json(report)
+    else:
+        print(_render_reseal(report))
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _run_folder_locked(checkpoint: Path) -> Iterator[None]:
+    """Hold the writer lock of the run folder around a `checkpoint-N` folder: no training process rotates or
+    re-saves it meanwhile. A checkpoint folder of another name is not part of a run."""
+    if layout.parse_checkpoint_step(checkpoint.name) is None:
+        yield
+        return
+    store = LocalStore(checkpoint.parent)
+    take_writer_lock(store.acquire_writer_lock, store.root, "Reseal after it ends.")
+    try:
+        yield
+    finally:
+        store.release_writer_lock()
+
+
+def _reseal_report(result: ResealResult, dry_run: bool) -> dict[str, Any]:
+    manifest = result.manifest
+    return {"path": str(result.path), "dry_run": dry_run, "written": result.written, "unchanged": result.unchanged,
+            "step": manifest.step, "engine": manifest.engine, "files": len(manifest.files), "added": result.added,
+            "removed": result.removed, "changed": result.changed, "ignored": result.ignored}
+
+
+def _render_reseal(report: Mapping[str, Any]) -> str:
+    name = Path(report["path"]).name
+    if report["unchanged"]:
+        return f"{name}: nothing to reseal: its {layout.MANIFEST_NAME} already matches every file."
+    verb = "would record" if report["dry_run"] else "resealed: its manifest now records"
+    lines = [f"{name}: {verb} {report['files']} file(s) as they are now (step {report['step']}, engine "
+             f"{report['engine']}; states, metrics and metadata kept)"]
+    lines += [f"  {what}: {', '.join(report[what])}" for what in ("added", "removed", "changed") if report[what]]
+    if report["ignored"]:
+        lines.append(f"  not recorded (leftovers of interrupted writes): {', '.join(report['ignored'])}")
     return "\n".join(lines)
 
 
 # -------------------------------------------------------------------------------------- helpers
 
 
-def metric_rule(name: str | None, greater_is_better: bool | None, checkpoints: Sequence[Checkpoint]) -> MetricRule | None:
-    """The rule that ranks checkpoints: `--metric`, else the first of `DEFAULT_METRICS` that any checkpoint has.
-
-    Built exactly as `CheckpointManager` builds it from `metric_for_best_model`/`greater_is_better`."""
+def metric_arguments(name: str | None, greater_is_better: bool | None,
+                     checkpoints: Sequence[Checkpoint]) -> CheckpointArguments | None:
+    """The flags that rank checkpoints: `--metric` (as `metric_for_best_model`), else the first of
+    `DEFAULT_METRICS` that any checkpoint has; None when nothing ranks them. A saved score is ranked as the core
+    ranks it when `metric_for_best_model` is unset."""
     if name is None:
         present = {metric for checkpoint in checkpoints for metric in checkpoint.metrics}
         name = next((metric for metric in DEFAULT_METRICS if metric in present), None)
         if name is None:
             return None
-    args = CheckpointArguments(metric_for_best_model=name, greater_is_better=greater_is_better)
-    assert args.metric_key is not None
-    return MetricRule(args.metric_key, args.metric_greater_is_better, aliases=(name,))
+    metric = None if name == DEFAULT_SCORE_KEY else name
+    return CheckpointArguments(metric_for_best_model=metric, greater_is_better=greater_is_better)
+
+
+def metric_rule(name: str | None, greater_is_better: bool | None, checkpoints: Sequence[Checkpoint]) -> MetricRule | None:
+    """The core's rule (`best.metric_rule_for`) for the flags of `metric_arguments`, as `CheckpointManager` uses it."""
+    arguments = metric_arguments(name, greater_is_better, checkpoints)
+    return None if arguments is None else metric_rule_for(arguments)
 
 
 def existing_path(value: str) -> Path:
@@ -608,7 +725,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="import MODULE first, e.g. the module defining your own CheckpointEngine (repeatable)")
     parser = argparse.ArgumentParser(
         prog="ckpt-callbacks",
-        description="List, inspect, verify, export, prune and diff checkpoints: this library's, the stock "
+        description="List, inspect, verify, export, prune, diff and reseal checkpoints: this library's, the stock "
                     "transformers.Trainer's checkpoint-N folders, and Lightning .ckpt files.",
         epilog="Exit codes: 0 ok, 1 problems found, 2 usage errors.",
     )
@@ -619,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(commands, common)
     _add_prune(commands, common)
     _add_diff(commands, common)
+    _add_reseal(commands, common)
     return parser
 
 
@@ -678,7 +796,12 @@ def _add_export(commands: Any, common: argparse.ArgumentParser) -> None:
                               "that holds its network in self.model")
     command.add_argument("--state", metavar="NAME",
                          help="the piece of state with the weights (default: model, or a .ckpt's state_dict)")
-    command.add_argument("--overwrite", action="store_true", help="replace OUT when it is not empty")
+    command.add_argument("--overwrite", action="store_true",
+                         help="replace OUT when it holds an earlier export of ckpt-callbacks (a folder it did not "
+                              "write is never replaced)")
+    command.add_argument("--no-verify", action="store_true",
+                         help="export without checking the files first (by default a file that fails its size, "
+                              "checksum or structure check stops the export, exit 1)")
     command.set_defaults(handler=cmd_export)
 
 
@@ -709,13 +832,28 @@ def _add_diff(commands: Any, common: argparse.ArgumentParser) -> None:
     command.set_defaults(handler=cmd_diff)
 
 
+def _add_reseal(commands: Any, common: argparse.ArgumentParser) -> None:
+    command = commands.add_parser(
+        "reseal", parents=[common], help="accept a deliberately changed checkpoint",
+        description="Record the files of CKPT as they are now in its manifest.json: every file with its size and "
+                    "checksum; step, epoch, metrics, states, engine and metadata are kept. For a checkpoint you "
+                    "changed on purpose (e.g. model.safetensors re-sharded into model-0000k-of-0000n.safetensors "
+                    "+ index), which loads and verify otherwise refuse. Links, special files and states whose "
+                    "files are gone are refused. Never reseal a checkpoint that verify reports damaged unless you "
+                    "know why: resealing makes the damage pass every check.")
+    command.add_argument("ckpt", metavar="CKPT", help="a checkpoint folder of this library (with manifest.json)")
+    command.add_argument("--dry-run", action="store_true", help="print what would be recorded, write nothing")
+    command.set_defaults(handler=cmd_reseal)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Reading a dcp checkpoint in one process is what a command-line tool does; torch warns about it each time.
     warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled|unavailable)")
     try:
         _import_modules(args.imports)
-        return int(args.handler(args))
+        with _quiet_core_warnings():  # what the core warns about (a damaged checkpoint skipped), the output reports
+            return int(args.handler(args))
     except UsageError as exc:
         print(f"ckpt-callbacks {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -726,6 +864,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader (e.g. `| head`) went away: stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PROBLEMS
+    except OSError as exc:  # a file or folder that cannot be read or written, wherever it was met
+        print(f"ckpt-callbacks {args.command}: {os_error_message(exc)}", file=sys.stderr)
+        return EXIT_PROBLEMS
+
+
+_OS_HINTS = {
+    errno.EACCES: "Check its permissions (and those of the folders above it), then retry.",
+    errno.EPERM: "Check its permissions (and those of the folders above it), then retry.",
+    errno.ENOSPC: "Free disk space, then retry.",
+    errno.EDQUOT: "Free disk space or raise your quota, then retry.",
+    errno.EROFS: "The file system is read-only: choose a folder on a writable one.",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """`exc` as a user reads it: the file, what happened, what to do."""
+    cause = os.strerror(exc.errno) if exc.errno else str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{cause}. {_OS_HINTS.get(exc.errno or 0, 'Check the path and the disk, then retry.')}"
 
 
 def _import_modules(modules: Sequence[str]) -> None:

@@ -52,8 +52,8 @@ def print_json(value: Any) -> None:
     print(json.dumps(jsonable(value), indent=2))
 
 
-def progress_bar(total: int, description: str) -> tqdm:
-    """A byte progress bar on stderr, shown only when stderr is a terminal."""
+def progress_bar(total: int | None, description: str) -> tqdm:
+    """A byte progress bar on stderr, shown only when stderr is a terminal (a counter when `total` is None)."""
     return tqdm(total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1000,
                 file=sys.stderr, leave=False, disable=not sys.stderr.isatty(), dynamic_ncols=True)
 

@@ -68,15 +68,24 @@ def test_export_of_a_lightning_ckpt_strips_the_prefix_only_when_asked(trained: P
 
 
 def test_export_never_replaces_a_folder_unless_asked(manager_runs: ManagerRuns, tmp_path: Path) -> None:
+    """An earlier export is replaced only with --overwrite; a folder no export wrote never is (issue 16)."""
     checkpoint = manager_runs.run("safetensors") / "checkpoint-30"
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "notes.txt").write_text("keep me")
+    assert run_cli("export", manager_runs.run("safetensors") / "checkpoint-20", out).code == 0
     refused = run_cli("export", checkpoint, out)
     assert refused.code == 2 and "is not empty. Choose a new folder, or pass --overwrite" in refused.err
-    assert (out / "notes.txt").read_text() == "keep me"
+    assert torch.equal(load_export(out)["0.weight"], manager_runs.weights[20]["0.weight"])
     assert run_cli("export", checkpoint, out, "--overwrite").code == 0
-    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["model.safetensors"]
+    assert torch.equal(load_export(out)["0.weight"], manager_runs.weights[30]["0.weight"])
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("keep me")
+    for extra in ((), ("--overwrite",)):
+        kept = run_cli("export", checkpoint, users, *extra)
+        assert kept.code == 2 and "was not written by an export of ckpt-callbacks" in kept.err, kept.err
+        assert "never replaced, --overwrite or not" in kept.err
+    assert sorted(p.name for p in users.iterdir()) == ["notes.txt"] and (users / "notes.txt").read_text() == "keep me"
     into_itself = run_cli("export", checkpoint, checkpoint.parent, "--overwrite")
     assert into_itself.code == 2 and "holds the checkpoint being exported" in into_itself.err
     bad_size = run_cli("export", checkpoint, tmp_path / "other", "--max-shard-size", "lots")
@@ -141,3 +150,19 @@ def test_prune_refuses_while_a_training_process_writes_the_folder(
     assert "is being written by a running training process" in result.err
     assert len(list(run.glob("checkpoint-*"))) == 3
     assert run_cli("prune", run).code == 2
+
+
+def test_export_targets_the_core_refuses_are_refused_through_links_and_dots(
+    manager_runs: ManagerRuns, copy_of: Callable[[Path], Path]
+) -> None:
+    run = copy_of(manager_runs.run("safetensors"))
+    link = run.parent / "link-to-run"
+    link.symlink_to(run, target_is_directory=True)
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    for out in (link, link / "checkpoint-10", run / ".." / run.name / "checkpoint-20" / "export", run.parent):
+        result = run_cli("export", run / "checkpoint-30", out, "--overwrite")
+        assert result.code == 2, (out, result.err)
+        assert "Traceback" not in result.err
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    beside = run_cli("export", run / "checkpoint-30", run / "export")  # the default export folder is fine
+    assert beside.code == 0, beside.err

@@ -32,13 +32,11 @@ def test_usage_errors_exit_2_and_say_what_to_do(manager_runs: ManagerRuns, tmp_p
     assert all(command in help_text.out for command in ("list", "inspect", "verify", "export", "prune", "diff"))
 
 
-def test_progress_bars_go_to_stderr_only_on_a_terminal(manager_runs: ManagerRuns) -> None:
-    run = manager_runs.run("safetensors")
-    piped = run_cli("verify", run)
-    assert piped.code == 0 and piped.err == ""
+def _with_stderr_on_a_terminal(*args: object) -> tuple[subprocess.CompletedProcess[bytes], bytes]:
+    """Run the command with stderr on a pseudo-terminal; returns the process and what the terminal showed."""
     controller, terminal = pty.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
-    proc = subprocess.run([*cli_command(), "verify", str(run)], stdout=subprocess.PIPE, stderr=terminal, timeout=120)
+    proc = subprocess.run([*cli_command(), *map(str, args)], stdout=subprocess.PIPE, stderr=terminal, timeout=120)
     os.close(terminal)
     shown = b""
     try:
@@ -47,9 +45,26 @@ def test_progress_bars_go_to_stderr_only_on_a_terminal(manager_runs: ManagerRuns
     except OSError:  # the terminal's other end is closed: everything has been read
         pass
     os.close(controller)
+    return proc, shown
+
+
+def test_progress_bars_go_to_stderr_only_on_a_terminal(manager_runs: ManagerRuns) -> None:
+    run = manager_runs.run("safetensors")
+    piped = run_cli("verify", run)
+    assert piped.code == 0 and piped.err == ""
+    proc, shown = _with_stderr_on_a_terminal("verify", run)
     assert proc.returncode == 0
     assert b"verify:" in shown and b"%|" in shown
     assert b"verify:" not in proc.stdout
+
+
+def test_export_progress_comes_from_the_export_itself(manager_runs: ManagerRuns, tmp_path: Path) -> None:
+    """The bar advances as `export_safetensors` reports each shard written (no watching of its staging folder)."""
+    proc, shown = _with_stderr_on_a_terminal("export", manager_runs.run("safetensors") / "checkpoint-30",
+                                             tmp_path / "out", "--max-shard-size", "100")
+    assert proc.returncode == 0, shown.decode(errors="replace")
+    assert b"export:" in shown and b"100%|" in shown
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) > 1
 
 
 def test_a_users_own_engine_is_read_after_import(tmp_path: Path) -> None:

@@ -113,13 +113,19 @@ class CheckpointEngine(ABC):
 
     def files_of(self, relpath: str) -> list[str]:
         """The files (relative to the checkpoint folder) that hold piece `relpath`; by default every file of its
-        folder whose name, up to the first dot, is the piece's name (`model.safetensors`, `model.json`)."""
+        folder whose name, up to the first dot, is the piece's name (`model.safetensors`, `model.json`), and
+        every file under a folder named as the piece (`model/` of a DCP piece, or of an engine that writes one
+        file per tensor)."""
         stem = Path(relpath).name
         folder = (self.directory / relpath).parent
         if not folder.is_dir():
             return []
-        return sorted((folder / p.name).relative_to(self.directory).as_posix()
-                      for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] == stem)
+        files = [(folder / p.name).relative_to(self.directory).as_posix()
+                 for p in folder.iterdir() if p.is_file() and p.name.split(".")[0] == stem]
+        piece_folder = self.directory / relpath
+        if piece_folder.is_dir() and not piece_folder.is_symlink():
+            files += [p.relative_to(self.directory).as_posix() for p in piece_folder.rglob("*") if p.is_file()]
+        return sorted(files)
 
     def describe(self, relpath: str) -> Any:
         """Piece `relpath` for showing, read as cheaply as the format allows: tensors may come back as

@@ -50,6 +50,14 @@ class DCPEngine(CheckpointEngine):
         load(template, checkpoint_id=str(self.directory / relpath), process_group=self.process_group)
         return restore_into(relpath, target, template)
 
+    def files_of(self, relpath: str) -> list[str]:
+        """A per-rank piece's files (as the `safetensors` engine writes them), or a DCP folder's: its `.metadata`
+        (present or not) and every shard file in it."""
+        if _is_per_rank(relpath):
+            return self._rank_local().files_of(relpath)
+        metadata = f"{relpath}/{_DCP_METADATA}"
+        return sorted({metadata, *super().files_of(relpath)})
+
     def _rank_local(self) -> SafetensorsEngine:
         engine = SafetensorsEngine(rank=self.rank, world_size=self.world_size)
         engine.open(str(self.directory))
@@ -57,6 +65,7 @@ class DCPEngine(CheckpointEngine):
 
 
 _WRAPPED = "value"
+_DCP_METADATA = ".metadata"  # the file torch.distributed.checkpoint writes last into a checkpoint folder
 
 
 def _is_per_rank(relpath: str) -> bool:

@@ -53,6 +53,10 @@ class SafetensorsEngine(CheckpointEngine):
         # decode_tree only looks tensors up by key, so shape-and-dtype stand-ins come back in their places.
         return decode_tree(structure, cast(dict[str, torch.Tensor], specs), where=str(structure_path))
 
+    def files_of(self, relpath: str) -> list[str]:
+        """The piece's two files, present or not: `{relpath}.safetensors` and `{relpath}.json`."""
+        return [f"{relpath}.safetensors", f"{relpath}.json"]
+
     def load_into(self, relpath: str, target: Any, map_location: Any = None) -> Any:
         """A module copies what it loads into its own parameters: it reads the file's map directly, which saves
         allocating and filling a copy of its weights first (0.5 GB for a 124M GPT-2). Anything else (an
