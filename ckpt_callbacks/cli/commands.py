@@ -64,7 +64,6 @@ from ckpt_callbacks.core.export import check_export_target, export_path_problem,
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.manager import CheckpointManager
 from ckpt_callbacks.core.save.reseal import ResealResult, plan_reseal, reseal_checkpoint
-from ckpt_callbacks.core.save.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.core.storage.store import LocalStore
 from ckpt_callbacks.errors import CheckpointError, CheckpointNotFoundError, CheckpointWriteError
 
@@ -535,7 +534,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     manager = CheckpointManager(arguments)
     try:
         before = [info.step for info in manager.list()]
-        deleted = _steps_to_delete(manager, args) if args.dry_run else _prune_now(manager, args)
+        deleted = manager.prune(args.keep_last, args.keep_best, dry_run=True) if args.dry_run else _prune_now(manager, args)
     finally:
         manager.close()
     left_alone = _left_alone(run)
@@ -568,12 +567,6 @@ def _quiet_core_warnings() -> Iterator[None]:
         yield
     finally:
         core_logger.setLevel(level)
-
-
-def _steps_to_delete(manager: CheckpointManager, args: argparse.Namespace) -> list[int]:
-    policy = RetentionPolicy(args.keep_last, args.keep_best, manager.metric_rule)
-    candidates = [RetentionCandidate(info.step, manager.metric_rule.value_in(info.metrics)) for info in manager.list()]
-    return policy.steps_to_delete(candidates)
 
 
 def _prune_now(manager: CheckpointManager, args: argparse.Namespace) -> list[int]:

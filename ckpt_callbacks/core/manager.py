@@ -440,11 +440,16 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------- retention
 
-    def prune(self, keep_last: int | None = None, keep_best: int | None = None) -> builtins.list[int]:
-        """Apply a retention policy now (the CLI's `prune`); returns the deleted steps."""
-        return self._apply_retention(RetentionPolicy(keep_last, keep_best, self.metric_rule))
+    def prune(self, keep_last: int | None = None, keep_best: int | None = None, *,
+              dry_run: bool = False) -> builtins.list[int]:
+        """Apply a retention policy now (the CLI's `prune`); returns the deleted steps (with `dry_run`, the steps
+        it would delete, deleting nothing)."""
+        policy = RetentionPolicy(keep_last, keep_best, self.metric_rule)
+        return self._retention_plan(policy)[0] if dry_run else self._apply_retention(policy)
 
-    def _apply_retention(self, policy: RetentionPolicy) -> builtins.list[int]:
+    def _retention_plan(self, policy: RetentionPolicy) -> tuple[builtins.list[int], dict[int, str]]:
+        """The steps `policy` deletes now, oldest first, and the folder name of every candidate. Committed
+        checkpoints and foreign ones the catalog recognizes count; damaged ones are never candidates."""
         listing = self.catalog.scan()
         candidates = [RetentionCandidate(info.step, self.metric_rule.value_in(info.metrics)) for info in listing.committed]
         candidates += [RetentionCandidate(foreign.step, None) for foreign in listing.foreign]
@@ -452,8 +457,12 @@ class CheckpointManager:
         protected = set(self.protected_steps)
         if self.resumed_from_step is not None and self.protect_resumed_from:
             protected.add(self.resumed_from_step)
+        return policy.steps_to_delete(candidates, protected), names
+
+    def _apply_retention(self, policy: RetentionPolicy) -> builtins.list[int]:
+        doomed, names = self._retention_plan(policy)
         deleted = []
-        for step in policy.steps_to_delete(candidates, protected):
+        for step in doomed:
             try:
                 self.store.delete(names[step])
             except OSError as exc:

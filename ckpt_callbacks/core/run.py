@@ -33,11 +33,10 @@ from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.manager import CheckpointManager
 from ckpt_callbacks.core.preemption import PreemptionFlag
 from ckpt_callbacks.core.read.catalog import CheckpointInfo, ResumeCandidate
-from ckpt_callbacks.core.read.verify import _HINT as VERIFY_HINT
 from ckpt_callbacks.core.read.verify import find_problems
 from ckpt_callbacks.core.save.retention import RetentionPolicy
 from ckpt_callbacks.core.save.saver import SaveStats
-from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
+from ckpt_callbacks.errors import CheckpointError
 
 if TYPE_CHECKING:
     import torch
@@ -350,20 +349,7 @@ class RunController:
                 raise problem
             return candidate.path
 
-        try:
-            return self.manager.catalog.resume(requested, attempt, fallback=self.args.fallback_to_verified)
-        except CheckpointCorruptError as exc:
-            raise with_reseal_hint(exc, self._checkpoint_folder(exc, requested)) from exc
-
-    def _checkpoint_folder(self, error: CheckpointCorruptError, requested: str | int | os.PathLike[str]) -> str:
-        """The checkpoint folder holding the file `error` names (it may lie outside the run folder)."""
-        if error.path is not None and "://" not in error.path:
-            for folder in Path(error.path).parents:
-                if layout.parse_checkpoint_step(folder.name) == error.step or _same_path(folder, requested):
-                    return str(folder)
-        if error.step is not None:
-            return self.manager.store.location(layout.checkpoint_name(error.step))
-        return str(requested)
+        return self.manager.catalog.resume(requested, attempt, fallback=self.args.fallback_to_verified)
 
     def agreed_resume_path(self, requested: str | int | os.PathLike[str], *, accept_foreign: bool = False,
                            read_ahead: Callable[[str], None] | None = None) -> str:
@@ -386,28 +372,6 @@ class RunController:
         if collective.rank != 0 and read_ahead is not None:
             read_ahead(resolved)
         return str(resolved)
-
-
-# Verification failures a deliberate change of the files explains (re-sharded weights, an edited config).
-_CHANGED_FILE_REASONS = frozenset({"missing", "size mismatch", "checksum mismatch"})
-RESEAL_COMMAND = "ckpt-callbacks reseal"
-
-
-def with_reseal_hint(error: CheckpointCorruptError, checkpoint: str) -> CheckpointCorruptError:
-    """`error` (a file that no longer matches the manifest) with the two ways out named: a checkpoint changed on
-    purpose is accepted as it now is by resealing it; a damaged one is not resumed from."""
-    if error.reason not in _CHANGED_FILE_REASONS or RESEAL_COMMAND in str(error):
-        return error
-    what = str(error).removesuffix(f" {VERIFY_HINT}")  # replaced by the two ways out below
-    message = (f"{what} The checkpoint no longer matches its manifest. If you changed {checkpoint} on purpose "
-               f"(re-sharded or converted its files), accept it as it is now with `{RESEAL_COMMAND} {checkpoint}` "
-               "and resume again; otherwise it is damaged: resume from an earlier checkpoint (pass its path, or set "
-               "fallback_to_verified=True).")
-    return CheckpointCorruptError(message, path=error.path, step=error.step, reason=error.reason)
-
-
-def _same_path(folder: Path, requested: str | int | os.PathLike[str]) -> bool:
-    return not isinstance(requested, int) and os.path.realpath(folder) == os.path.realpath(requested)
 
 
 def raise_not_committed(candidate: ResumeCandidate) -> None:

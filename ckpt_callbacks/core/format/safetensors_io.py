@@ -111,6 +111,15 @@ def read_safetensors(path: Path, map_location: Any = None, *, copy: bool = True)
     `copy=False` returns views of a copy-on-write map of the file, for callers that copy them at once."""
     device = _device_string(map_location)
     try:
+        with open(path, "rb"):  # the safetensors reader reports a permission problem as a missing file
+            pass
+    except PermissionError:
+        raise CheckpointCorruptError(
+            f"{path}: cannot be read (permission denied). Make it readable by the user this process runs as (chmod "
+            "u+r, or change its owner), then retry.", path=str(path), reason="unreadable") from None
+    except OSError:
+        pass  # the reader below names what is wrong
+    try:
         tensors = load_file(str(path), device=device)
     except Exception as exc:  # safetensors raises its own SafetensorError and OSError/ValueError variants
         raise CheckpointCorruptError(
