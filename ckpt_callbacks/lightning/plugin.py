@@ -167,7 +167,8 @@ class CheckpointIOLogic:
         run_dir, step, name = committed
         run = self._runs.get(run_key(run_dir))
         if run is not None:
-            run.save(step, {name: checkpoint}, epoch=epoch, capture_rng=False)  # RNG is in Lightning's dict
+            # RNG is in Lightning's dict
+            run.save(step, {name: checkpoint}, epoch=epoch, capture_rng=False, metrics=metrics)
             manager = run.manager
         else:
             manager = self.run_manager(run_dir)

@@ -523,10 +523,14 @@ def without(checkpoint: dict[str, Any], *keys: str) -> dict[str, Any]:
     return {k: v for k, v in checkpoint.items() if k not in keys}
 
 
+_VERSIONED = re.compile(r"-v\d+(?:\.ckpt$|/)")  # stock `name-v1.ckpt`; ours `checkpoints-v1/` (a later run's)
+
+
 def files_by_step(outcome: Outcome) -> dict[int, str]:
-    """Global step -> the (first, by name) checkpoint file holding it; `last*` copies left out."""
+    """Global step -> the (first, by name) checkpoint file holding it, the first run's before a later run's
+    (`-v{N}` names); `last*` copies left out."""
     found: dict[int, str] = {}
-    for rel in sorted(outcome.checkpoints, key=lambda rel: (bool(re.search(r"-v\d+\.ckpt$", rel)), rel)):
+    for rel in sorted(outcome.checkpoints, key=lambda rel: (bool(_VERSIONED.search(rel)), rel)):
         name = rel.rsplit("/", 1)[-1]
         data = outcome.checkpoints[rel]
         if name.endswith(".ckpt") and not name.startswith("last") and isinstance(data, dict):
