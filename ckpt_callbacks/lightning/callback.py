@@ -109,7 +109,6 @@ class CheckpointCallbackLogic:
         self._configured_dir = self._output_dir  # before a run from scratch moved to `{output_dir}-v{N}`
         self._set_model_checkpoint_attributes()
         self._assigned: dict[str, Any] = {}
-        self._data = SamplerResume()
         self._reset_runtime()
         _silence_misleading_lightning_warnings()
 
@@ -162,6 +161,14 @@ class CheckpointCallbackLogic:
         self.__dict__.update(state)
         self._runs, self._trainer, self._plugin, self._restored_checkpoint = {}, None, None, None
         self._fs = _filesystem(self.dirpath or "")
+
+    @property
+    def _data(self) -> SamplerResume:
+        """The data position (made when first needed, so an unused callback pickles to an equal copy)."""
+        data = self.__dict__.get("_sampler_resume")
+        if data is None:
+            data = self.__dict__["_sampler_resume"] = SamplerResume()
+        return data
 
     # ------------------------------------------------------------------ public surface
 
@@ -513,13 +520,24 @@ class CheckpointCallbackLogic:
 
     def _metrics_now(self, trainer: Any) -> dict[str, Any]:
         """What Lightning has logged (training and validation), and `epoch`/`step` when they are the metric, as
-        `ModelCheckpoint` reads them at a save."""
+        `ModelCheckpoint` reads them at a save. A NaN value of the metric is the worst value (+inf when lower is
+        better), as `ModelCheckpoint` ranks it, instead of no value."""
         metrics = dict(trainer.callback_metrics)
         if self.monitor == "epoch":
             metrics.setdefault("epoch", trainer.current_epoch)
         if self.monitor == "step":
             metrics.setdefault("step", trainer.global_step)
+        value = metrics.get(self.monitor) if self.monitor is not None else None
+        if value is not None and _is_nan(value):
+            metrics[self.monitor] = math.inf if self.mode == "min" else -math.inf
         return metrics
+
+    def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None,
+                               prefix: str | None = None) -> str:
+        """The file of the checkpoint of `metrics["step"]` in this callback's layout
+        (`{output_dir}/checkpoint-{step}/checkpoint.ckpt`); `filename`, `ver` and `prefix` do not apply."""
+        step = metrics.get("step", 0)
+        return self._checkpoint_file_of(int(step.item() if hasattr(step, "item") else step))
 
     def _count_optimizer_steps(self, trainer: Any, pl_module: Any) -> None:
         """With manual optimization global_step counts every optimizer's steps, while Lightning's estimate of the
@@ -664,6 +682,13 @@ def _filesystem(path: str) -> Any:
     import fsspec
 
     return fsspec.core.url_to_fs(path or ".")[0]
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return math.isnan(float(value.item() if hasattr(value, "item") else value))
+    except (TypeError, ValueError, RuntimeError):
+        return False
 
 
 def _epoch_ends(trainer: Any) -> bool:
