@@ -40,6 +40,8 @@ from ckpt_callbacks.core.storage.store import make_store
 if TYPE_CHECKING:
     import torch
 
+    from ckpt_callbacks.errors import CheckpointCorruptError
+
 __all__ = ["Conventions", "ExportSource", "RunController", "StepDecision", "fresh_run_folder", "run_folder_versions"]
 
 logger = logging.getLogger("ckpt_callbacks")
@@ -388,12 +390,24 @@ class RunController:
                 return candidate.path
             if read_ahead is not None:
                 read_ahead(candidate.path)
-            for problem in find_problems(Path(candidate.path), candidate.info.manifest, mode):
+            for problem in self._problems(candidate.info, candidate.path, mode):
                 raise problem
             return candidate.path
 
         return self.manager.catalog.resume(requested, attempt, fallback=self.args.fallback_to_verified)
 
+
+    def _problems(self, info: CheckpointInfo, path: str, mode: str) -> list[CheckpointCorruptError]:
+        """What is wrong with a checkpoint by `mode`, wherever the run folder is: sizes from the store (an object
+        store lists them without a download), checksums on the files (downloaded first from an object store)."""
+        store = self.manager.store
+        if mode == "none":
+            return []
+        if store.location(info.name) != path:  # a folder outside this run: a local path
+            return list(find_problems(Path(path), info.manifest, mode))
+        if mode == "size":
+            return list(store.size_problems(info.name, info.manifest))
+        return list(find_problems(store.local_dir(info.name), info.manifest, mode))
 
     def agreed_resume_path(self, requested: str | int | os.PathLike[str], *, accept_foreign: bool = False,
                            read_ahead: Callable[[str], None] | None = None) -> str:

@@ -66,6 +66,7 @@ from ckpt_callbacks.lightning.plugin import (
     is_url,
     join_path,
     make_run_manager,
+    parse_committed_path,
     run_key,
 )
 
@@ -90,8 +91,7 @@ class CheckpointCallbackLogic:
 
     The attributes a `ModelCheckpoint` user reads are here with the same meaning: `best_model_path`,
     `best_model_score`, `last_model_path`, `best_k_models`, `kth_best_model_path`, `kth_value`, `current_score`,
-    `dirpath`, `monitor`, `mode`, `save_top_k`; they describe the committed checkpoints (and the one being
-    written), as the core sees them.
+    `dirpath`, `monitor`, `mode`, `save_top_k`; they describe the committed checkpoints, as the core sees them.
     """
 
     def __init__(self, args: CheckpointArguments | None = None, **overrides: Any) -> None:
@@ -117,7 +117,6 @@ class CheckpointCallbackLogic:
         self._trainer: Any = None
         self._plugin: CheckpointIOLogic | None = None
         self._active = False
-        self._unannounced = 0
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -233,12 +232,9 @@ class CheckpointCallbackLogic:
 
     @property
     def last_model_path(self) -> str:
-        """The newest committed checkpoint (or the one being written), "" when there is none."""
-        latest = self.manager.latest()
-        step = self._step_being_written()
-        if step is not None and (latest is None or step > latest.step):
-            return self._checkpoint_file_of(step)
-        return _checkpoint_file(latest) or self._assigned.get("last_model_path", "")
+        """The newest committed checkpoint, "" when there is none (one still being written counts once it is
+        complete: loggers hear of it then, `after_save_checkpoint`)."""
+        return _checkpoint_file(self.manager.latest()) or self._assigned.get("last_model_path", "")
 
     @last_model_path.setter
     def last_model_path(self, value: str) -> None:
@@ -359,6 +355,7 @@ class CheckpointCallbackLogic:
             self._output_dir = self.output_dir
             self.dirpath = str(self._output_dir)
             self._fs = _filesystem(self.dirpath)
+            self._configured_dir = self._output_dir
         self._reset_run_state()
         self._plugin = _find_plugin(trainer)
         if not self._active:
@@ -407,6 +404,8 @@ class CheckpointCallbackLogic:
             return
         if trainer.ckpt_path is None and trainer.global_step == 0:
             self._start_from_scratch(trainer)
+        elif trainer.ckpt_path is not None:
+            self._continue_where_resumed(os.fspath(trainer.ckpt_path))
         # After Lightning installed its own handlers (it does so after on_fit_start): ours replace them for the
         # training, so SIGTERM means "save at the next step, then return from fit" instead of an exception.
         self.run.begin(max_steps=_max_steps(trainer), step=trainer.global_step, resumed=resumed)
@@ -491,6 +490,22 @@ class CheckpointCallbackLogic:
             warnings.warn(f"Checkpoint directory {self.output_dir} holds the checkpoints of an earlier run; this run "
                           f"starts from scratch (fit(ckpt_path=None)) and writes to {folder}. Pass ckpt_path='last' "
                           "to resume instead.", stacklevel=2)
+        self._switch_to(folder)
+
+    def _continue_where_resumed(self, ckpt_path: str) -> None:
+        """A run resumed from a checkpoint of `output_dir` or of one of its `-v{N}` folders goes on in that folder
+        (the same path on every rank)."""
+        committed = parse_committed_path(ckpt_path)
+        if committed is None:
+            return
+        configured = self._configured_dir if self._configured_dir is not None else self.output_dir
+        folders = {run_key(folder): folder for folder in run_folder_versions(os.fspath(configured))}
+        folder = folders.get(run_key(committed[0]))
+        if folder is not None and run_key(folder) != run_key(self.output_dir):
+            logger.info("Resumed from %s: this run goes on saving into %s.", ckpt_path, folder)
+            self._switch_to(folder)
+
+    def _switch_to(self, folder: str) -> None:
         self._output_dir = _folder(folder)
         self.dirpath = str(self._output_dir)
         self._fs = _filesystem(self.dirpath)
@@ -506,17 +521,13 @@ class CheckpointCallbackLogic:
         self._plugin.expect_save(path, epoch=_fractional_epoch(trainer), metrics=self._metrics_now(trainer))
         trainer.save_checkpoint(path, weights_only=self.args.save_only_model)
         self.run.saved(step)  # every rank: Lightning writes on rank 0 only, but all ranks must agree what is saved
-        self._unannounced += 1
 
     def _announce_saves(self, trainer: Any) -> None:
-        """`logger.after_save_checkpoint` for each save once it is durable (on the training thread, as stock)."""
-        if not self._unannounced or self.manager.is_saving:
-            return
-        count, self._unannounced = self._unannounced, 0
-        if trainer.is_global_zero:
-            for _ in range(count):
-                for lightning_logger in trainer.loggers:
-                    lightning_logger.after_save_checkpoint(weakref.proxy(self))
+        """`logger.after_save_checkpoint` for each save once it is durable (on the training thread, as stock).
+        The saves are written on global rank 0, where Lightning's loggers are told too."""
+        for _ in self.run.finished_save_stats():
+            for lightning_logger in trainer.loggers:
+                lightning_logger.after_save_checkpoint(weakref.proxy(self))
 
     def _metrics_now(self, trainer: Any) -> dict[str, Any]:
         """What Lightning has logged (training and validation), and `epoch`/`step` when they are the metric, as
@@ -550,11 +561,6 @@ class CheckpointCallbackLogic:
             estimate = _finite_int(trainer.estimated_stepping_batches)
             if estimate is not None:
                 self.run.policy.set_max_steps(estimate * (trainer.global_step - start_step))
-
-    def _step_being_written(self) -> int | None:
-        if not self._runs or not self.manager.is_saving:
-            return None
-        return self.run.policy.last_saved_step
 
     def _checkpoint_file_of(self, step: int) -> str:
         return committed_checkpoint_path(self.output_dir, step)
