@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 VERIFY_MODES = ("checksum", "size", "none")
@@ -46,7 +46,13 @@ def _help(text: str, **metadata: Any) -> dict[str, Any]:
     return {"help": text, **metadata}
 
 
-class _FlagOfTrainingArguments(dataclasses.Field):
+if TYPE_CHECKING:
+    _Field = dataclasses.Field[Any]
+else:
+    _Field = dataclasses.Field  # not subscriptable at run time on every supported Python
+
+
+class _FlagOfTrainingArguments(_Field):
     """A field `TrainingArguments` also has (`output_dir`, `save_steps`, ...), as `HfArgumentParser` sees it.
 
     `HfArgumentParser((TrainingArguments, CheckpointArguments))` turns every init field of both into an option,

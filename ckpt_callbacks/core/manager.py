@@ -26,7 +26,7 @@ from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.best import BestTracker, MetricRule, metric_rule_for
 from ckpt_callbacks.core.distributed.collective import Collective, default_collective
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.engines import CheckpointEngine, get_engine_class
+from ckpt_callbacks.core.format.engines import CheckpointEngine, EngineConfig, get_engine_class
 from ckpt_callbacks.core.format.provenance import git_commit, library_versions
 from ckpt_callbacks.core.preemption import PreemptionFlag
 from ckpt_callbacks.core.read.catalog import LAST, Catalog, CheckpointInfo, ResumeCandidate
@@ -65,6 +65,7 @@ class CheckpointManager:
         default_engine: str = "safetensors",
         collective: Collective | None = None,
         recognize_foreign: Callable[[Path], bool] | None = None,
+        engine_config: EngineConfig | None = None,
     ) -> None:
         self.args = args if args is not None else CheckpointArguments()
         if store is None:
@@ -73,6 +74,8 @@ class CheckpointManager:
             store = make_store(self.args.output_dir)
         self.store = store
         self.engine_class = _engine_class(engine or self.args.engine or default_engine)
+        # The engine's typed options (its `Config` dataclass), for every engine instance of this run's checkpoints.
+        self.engine_config = engine_config
         self.collective = collective if collective is not None else default_collective()
         self.metric_rule: MetricRule = metric_rule_for(self.args)
         # `recognize_foreign(path)`: a `checkpoint-{step}` folder without a manifest that is the framework's own
@@ -193,6 +196,40 @@ class CheckpointManager:
             if metadata:
                 tx.metadata.update(metadata)
 
+    def save_written(
+        self,
+        step: int,
+        write_files: Callable[[Path], None],
+        *,
+        states: Iterable[str],
+        epoch: float | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Commit a checkpoint whose files a framework writes itself: `write_files(staging_folder)` is called on
+        every rank (it may be collective, e.g. a DCP save of a sharded model) and writes into the hidden staging
+        folder; then, as for every save, the files are fsynced, sealed in a manifest and published atomically as
+        `checkpoint-{step}`, and retention runs. Synchronous: the framework writes live state. `states` names what
+        was written (`manifest.states`); the manager's engine is recorded as the one that reads it back.
+
+        Example:
+            >>> manager.save_written(40, lambda folder: trainer.save_checkpoint(folder / "checkpoint.ckpt"),
+            ...                      states=["checkpoint.ckpt"], epoch=1.0)
+        """
+        self.wait()  # every earlier async save is committed first: checkpoints appear in step order
+        started = time.perf_counter()
+        self._prepare_for_writing()
+        numeric = {str(k): float(v) for k, v in (metrics or {}).items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.best_tracker.observe(numeric, step)
+        self.policy.record_save(step)
+        request = CommitRequest(
+            step=step, epoch=epoch, pieces={}, metrics=numeric, metadata=dict(metadata or {}),
+            engine_class=self.engine_class, engine_config=self.engine_config, store=self.store,
+            collective=self.collective, provenance=self._provenance_once(), expected_size=self._expected_size(),
+            started=started, write_files=write_files, states=tuple(states))
+        self._saver.run_inline(step, partial(self._commit_and_retain, request), started=started)
+
     def prepare_staging(self, state: Mapping[str, Any], *, name: str | None = None) -> None:
         """Allocate, in the background, the host buffers the next async save of `state` will copy into, so the
         first save reuses memory already in place instead of faulting in fresh pages while training waits.
@@ -254,7 +291,8 @@ class CheckpointManager:
             self.policy.record_save(tx.step)
             request = CommitRequest(
                 step=tx.step, epoch=tx.epoch, pieces=pieces, metrics=dict(tx.metrics), metadata=dict(tx.metadata),
-                engine_class=self.engine_class, store=self.store, collective=self.collective,
+                engine_class=self.engine_class, engine_config=self.engine_config, store=self.store,
+                collective=self.collective,
                 provenance=self._provenance_once(), expected_size=self._expected_size(), started=tx.started)
             self._saver.submit(tx.step, partial(self._commit_and_retain, request), started=tx.started)
         finally:
@@ -370,8 +408,9 @@ class CheckpointManager:
             raise CheckpointNotFoundError(f"{candidate.path}: not a committed checkpoint of this library (no "
                                           "manifest).", path=candidate.path)
         directory = self.store.local_dir(info.name) if self._in_store(info) else Path(info.path)
-        engine = self.engine_class_for(info.manifest.engine)(rank=self.collective.rank,
-                                                              world_size=info.manifest.world_size)
+        engine_class = self.engine_class_for(info.manifest.engine)
+        config = self.engine_config if engine_class is self.engine_class else None
+        engine = engine_class(config, rank=self.collective.rank, world_size=info.manifest.world_size)
         engine.process_group = getattr(self.collective, "group", None)
         relpaths = {key: piece_path(key, name) for key in state}
         loaded = restore_checkpoint(engine, directory, info.manifest, state, relpaths,

@@ -15,6 +15,8 @@ import threading
 from types import FrameType
 from typing import Any
 
+__all__ = ["PREEMPTION_SIGNALS", "PreemptionFlag"]
+
 PREEMPTION_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)
 
 

@@ -41,3 +41,26 @@ def test_killing_one_rank_mid_save_commits_nothing(tmp_path: Path) -> None:
     assert names == ["checkpoint-1"]
     manager = CheckpointManager(CheckpointArguments(output_dir=str(tmp_path)))
     assert [info.step for info in manager.list()] == [1]
+
+
+def test_files_a_framework_writes_on_every_rank_are_committed_with_a_manifest_and_rotated(tmp_path: Path) -> None:
+    output_dir = tmp_path / "run"
+    run_on_processes(workers.framework_written_sharded_save, 2, str(output_dir))
+    assert sorted(os.listdir(output_dir)) == ["checkpoint-2"]  # retention ran; no staging folder, no lock left
+    manager = CheckpointManager(CheckpointArguments(output_dir=str(output_dir)))
+    (info,) = manager.list()
+    assert info.step == 2 and info.engine == "dcp" and info.manifest.world_size == 2
+    assert info.manifest.states == ["checkpoint.ckpt"]
+    files = {entry.path for entry in info.manifest.files}
+    on_disk = {p.relative_to(output_dir / "checkpoint-2").as_posix() for p in (output_dir / "checkpoint-2").rglob("*")
+               if p.is_file() and p.name != "manifest.json"}
+    assert files == on_disk and {"checkpoint.ckpt/__0_0.distcp", "checkpoint.ckpt/__1_0.distcp"} <= files
+    # every shard is verified as any checkpoint: a damaged one is named
+    shard = output_dir / "checkpoint-2" / "checkpoint.ckpt" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    from ckpt_callbacks import CheckpointCorruptError
+
+    with pytest.raises(CheckpointCorruptError, match=r"checkpoint-2/checkpoint\.ckpt/__1_0\.distcp: checksum mismatch"):
+        manager.load_last({"checkpoint.ckpt": None})

@@ -121,3 +121,23 @@ def killed_rank_mid_save(rank: int, world_size: int, output_dir: str) -> None:
     manager.save(1, {"model": model})
     Path(output_dir, f"rank{rank}-saved-1").touch()
     manager.save(2, {"model": model})  # rank 1 dies inside; rank 0 must not commit
+
+
+def framework_written_sharded_save(rank: int, world_size: int, output_dir: str) -> None:
+    """A framework writes its own sharded files (a plain `torch.distributed.checkpoint.save` of an FSDP2 model, as
+    Lightning's ModelParallelStrategy does) into the manager's staging folder; the manager commits them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, optimizer = build_fsdp(world_size)
+    model(torch.randn(4, 8)).sum().backward()
+    optimizer.step()
+    manager = CheckpointManager(CheckpointArguments(output_dir=output_dir, save_total_limit=1), engine="dcp")
+
+    def write(folder: Path) -> None:
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "checkpoint.ckpt"))
+
+    for step in (1, 2):
+        manager.save_written(step, write, states=["checkpoint.ckpt"], epoch=0.5 * step)
+    manager.close()

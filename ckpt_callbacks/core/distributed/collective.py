@@ -10,6 +10,14 @@ from __future__ import annotations
 import atexit
 from typing import Any, Protocol
 
+__all__ = [
+    "Collective",
+    "SingleProcess",
+    "TorchDistributed",
+    "default_collective",
+    "destroy_process_groups_at_exit",
+]
+
 
 class Collective(Protocol):
     rank: int

@@ -18,6 +18,8 @@ import torch
 from ckpt_callbacks.core.export import export_safetensors
 from ckpt_callbacks.errors import CheckpointError
 
+__all__ = ["export_consolidated", "full_model_state_dict"]
+
 
 def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's weights as whole CPU tensors: on rank 0 of the process group (other ranks get `{}`), or in a

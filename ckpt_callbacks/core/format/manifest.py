@@ -18,7 +18,20 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ckpt_callbacks.core.storage.checksums import CHECKSUM_ALGORITHM, checksum_file
-from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MAX_MANIFEST_BYTES",
+    "FileEntry",
+    "Manifest",
+    "check_relative_path",
+    "describe_files",
+    "parse_manifest",
+    "read_manifest_bytes",
+    "read_manifest_file",
+]
 
 FORMAT_NAME = "ckpt_callbacks"
 FORMAT_VERSION = 1
@@ -161,12 +174,16 @@ def check_relative_path(relpath: str, *, source: str) -> None:
 def read_manifest_file(path: Path) -> Manifest:
     """Read and parse the manifest file `path`, bounded in size; any problem (missing, a folder, unreadable,
     too large, malformed) is a `CheckpointError` naming it: `CheckpointNotFoundError` when there is no file."""
-    from ckpt_callbacks.errors import CheckpointNotFoundError
+    return parse_manifest(read_manifest_bytes(path), source=str(path))
 
+
+def read_manifest_bytes(path: Path) -> bytes:
+    """The bytes of manifest file `path`, at most `MAX_MANIFEST_BYTES` + 1 (parsing refuses more);
+    `CheckpointNotFoundError` when there is none, `CheckpointCorruptError` naming what else is wrong."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
-    except FileNotFoundError:
+            return f.read(MAX_MANIFEST_BYTES + 1)
+    except (FileNotFoundError, NotADirectoryError):
         raise CheckpointNotFoundError(
             f"{path.parent}: no {path.name}, so it is not a committed checkpoint (an interrupted save, or written by "
             "another tool). Use a checkpoint listed by `ckpt-callbacks list`.",
@@ -181,4 +198,3 @@ def read_manifest_file(path: Path) -> Manifest:
             "(check its permissions), or resume from another checkpoint.",
             path=str(path), reason="unreadable",
         ) from None
-    return parse_manifest(data, source=str(path))

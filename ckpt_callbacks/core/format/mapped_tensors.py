@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch.nn import Parameter
 
+__all__ = ["copy_out_of_map"]
+
 
 def copy_out_of_map(obj: Any) -> Any:
     """`obj` with every CPU tensor moved out of a memory-mapped file into fresh memory of its own.

@@ -16,7 +16,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import safe_open
@@ -25,6 +25,18 @@ from safetensors.torch import load_file
 from ckpt_callbacks.core.format.mapped_tensors import copy_out_of_map
 from ckpt_callbacks.core.storage.written_files import write_buffers
 from ckpt_callbacks.errors import CheckpointCorruptError
+
+__all__ = [
+    "DTYPE_NAMES",
+    "WRITE_THREADS",
+    "TensorSpec",
+    "read_safetensors",
+    "read_safetensors_metadata",
+    "read_tensor_specs",
+    "unique_tensors",
+    "view_key",
+    "write_safetensors",
+]
 
 _DTYPE_CODES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -107,7 +119,8 @@ def read_safetensors(path: Path, map_location: Any = None, *, copy: bool = True)
         ) from None
     if device != "cpu" or not copy:
         return tensors
-    return copy_out_of_map(tensors)  # on CPU, load_file returns views of a copy-on-write map (see there why not)
+    # on CPU, load_file returns views of a copy-on-write map (see there why not)
+    return cast(dict[str, torch.Tensor], copy_out_of_map(tensors))
 
 
 @dataclass(frozen=True)

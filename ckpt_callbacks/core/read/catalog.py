@@ -114,6 +114,7 @@ class Catalog:
         self.store = store
         self.rule = rule
         self.recognize_foreign = recognize_foreign
+        self._reported: set[tuple[str, str]] = set()  # damaged checkpoints already logged (each once)
 
     # ------------------------------------------------------------------ listing
 
@@ -177,6 +178,9 @@ class Catalog:
                 raise problems[0]
         except CheckpointError as exc:
             listing.damaged.append(DamagedCheckpoint(step, name, location, exc))
+            if (name, str(exc)) not in self._reported:
+                self._reported.add((name, str(exc)))
+                logger.warning("Not listing %s, which cannot be trusted: %s", name, exc)
             return
         listing.committed.append(CheckpointInfo.of(manifest, location))
 

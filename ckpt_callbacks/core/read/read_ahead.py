@@ -22,6 +22,8 @@ from typing import Any
 
 from ckpt_callbacks.core.format.engines.base import CheckpointEngine
 
+__all__ = ["ReadAhead"]
+
 logger = logging.getLogger("ckpt_callbacks")
 
 

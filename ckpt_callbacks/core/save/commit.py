@@ -12,14 +12,14 @@ nothing becomes visible.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ckpt_callbacks.core.distributed.collective import Collective
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.engines import CheckpointEngine
+from ckpt_callbacks.core.format.engines import CheckpointEngine, EngineConfig
 from ckpt_callbacks.core.format.manifest import Manifest, describe_files
 from ckpt_callbacks.core.state.capture import RNG_STATE
 from ckpt_callbacks.core.storage.durable import remove_tree_quietly, write_bytes_durably
@@ -47,11 +47,17 @@ class CommitRequest:
     metrics: Mapping[str, float]
     metadata: Mapping[str, Any]
     engine_class: type[CheckpointEngine]
+    engine_config: EngineConfig | None
     store: CheckpointStore
     collective: Collective
     provenance: Provenance
     expected_size: int = 0  # bytes the checkpoint will likely take: refused before writing when they do not fit
     started: float = field(default_factory=time.perf_counter)
+    # A framework that writes its own files (Lightning's DCP save of a sharded model, the stock Trainer's
+    # FSDP/DeepSpeed save) writes them here instead of the engine: `write_files(staging)` runs on every rank, and
+    # `states` names what it wrote (the manifest's `states`). The commit around it is the same.
+    write_files: Callable[[Path], None] | None = None
+    states: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -89,8 +95,15 @@ def commit_checkpoint(request: CommitRequest) -> CommitResult:
 
 
 def _write_pieces(request: CommitRequest, staging: Path, written: WrittenFiles) -> None:
+    if request.write_files is not None:
+        try:
+            request.write_files(staging)
+        except OSError as exc:
+            raise write_error(exc, Path(exc.filename) if exc.filename else staging,
+                              f"write checkpoint-{request.step}") from exc
+        return
     collective = request.collective
-    engine = request.engine_class(rank=collective.rank, world_size=collective.world_size)
+    engine = request.engine_class(request.engine_config, rank=collective.rank, world_size=collective.world_size)
     engine.process_group = getattr(collective, "group", None)
     try:
         with recording(written):
@@ -114,7 +127,7 @@ def _seal(request: CommitRequest, staging: Path, written: WrittenFiles) -> int:
             files=files,
             epoch=request.epoch,
             metrics=dict(request.metrics),
-            states=sorted(_all_states(request.pieces, request.collective.world_size)),
+            states=sorted(_all_states(request.pieces, request.collective.world_size) | set(request.states)),
             world_size=request.collective.world_size,
             versions=request.provenance.versions,
             git_commit=request.provenance.git_commit,

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from ckpt_callbacks.core.best import MetricRule
 
+__all__ = ["RetentionCandidate", "RetentionPolicy"]
+
 
 @dataclass(frozen=True)
 class RetentionCandidate:

@@ -94,6 +94,14 @@ class Saver:
         stats.blocking_seconds = time.perf_counter() - started
         return stats
 
+    def run_inline(self, step: int, job: Callable[[], CommitResult], *, started: float) -> SaveStats:
+        """Run `job` on the caller's thread whatever `async_save` says (its files are written from live state)."""
+        stats = SaveStats(step=step, blocking_seconds=0.0)
+        self.last_save = stats
+        self.report_failures(partial(_record, job, stats))
+        stats.blocking_seconds = time.perf_counter() - started
+        return stats
+
     def prepare(self, pieces: Mapping[str, Any]) -> None:
         """Allocate, in the background, the host buffers the next async save of `pieces` will copy into."""
         if not self.async_save:

@@ -34,6 +34,8 @@ import torch
 from ckpt_callbacks.core.format.safetensors_io import view_key
 from ckpt_callbacks.errors import CheckpointError
 
+__all__ = ["IMMEDIATE_COPY_BYTES", "HostStager", "StagingPlan", "storage_address"]
+
 BufferKey = tuple[str, ...]
 # Deferred staging still copies tensors this small at once: buffers such as BatchNorm statistics change
 # during the next forward pass, before the optimizer step the adapters wait at, and small tensors cost little.

@@ -46,6 +46,8 @@ from typing import Any
 
 from ckpt_callbacks.errors import CheckpointError, CheckpointWriteError
 
+__all__ = ["FLUSH_SIGNALS", "BackgroundWriter", "flush_pending_writes"]
+
 logger = logging.getLogger("ckpt_callbacks")
 
 FLUSH_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGUSR1", None)) if s is not None)

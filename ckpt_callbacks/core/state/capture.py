@@ -13,6 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 from ckpt_callbacks.core.format.safetensors_io import view_key
 from ckpt_callbacks.errors import CheckpointError
 
+__all__ = ["RNG_STATE", "Stateful", "capture", "is_module", "restore_into"]
+
 RNG_STATE = "rng"
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
 
+__all__ = ["DataPosition", "skip_batches"]
+
 
 class DataPosition:
     """Epoch, batches consumed in it, and the RNG state the epoch's shuffle was drawn from.

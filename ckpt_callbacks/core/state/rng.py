@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+__all__ = ["capture_rng_state", "numpy_state_as_stock", "numpy_state_from_stock", "restore_rng_state"]
+
 
 def capture_rng_state() -> dict[str, Any]:
     """The state of every random generator this process uses."""
@@ -57,13 +59,13 @@ def _xpu_available() -> bool:
     return bool(hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def _as_python_state(value: Any) -> tuple:
+def _as_python_state(value: Any) -> tuple[Any, ...]:
     # JSON-based engines return lists; random.setstate wants (int, tuple, float|None).
     version, internal, gauss = value
     return (int(version), tuple(int(x) for x in internal), gauss)
 
 
-def _numpy_state_to_portable(state: tuple) -> dict[str, Any]:
+def _numpy_state_to_portable(state: tuple[Any, ...]) -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached_gaussian = state
     return {
         "kind": str(kind),
@@ -74,7 +76,7 @@ def _numpy_state_to_portable(state: tuple) -> dict[str, Any]:
     }
 
 
-def _numpy_state_from_portable(state: Any) -> tuple:
+def _numpy_state_from_portable(state: Any) -> tuple[Any, ...]:
     if isinstance(state, tuple):  # the stock Trainer stores np.random.get_state() as is
         return state
     keys = state["keys"]
@@ -82,10 +84,10 @@ def _numpy_state_from_portable(state: Any) -> tuple:
     return (state["kind"], keys_array.astype(np.uint32), state["pos"], state["has_gauss"], state["cached_gaussian"])
 
 
-def numpy_state_as_stock(state: dict[str, Any]) -> tuple:
+def numpy_state_as_stock(state: dict[str, Any]) -> tuple[Any, ...]:
     """numpy's own tuple form, as `np.random.get_state()` returns it (the stock Trainer's file format)."""
     return _numpy_state_from_portable(state)
 
 
-def numpy_state_from_stock(state: tuple) -> dict[str, Any]:
+def numpy_state_from_stock(state: tuple[Any, ...]) -> dict[str, Any]:
     return _numpy_state_to_portable(state)

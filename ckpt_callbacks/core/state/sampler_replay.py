@@ -35,6 +35,8 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from ckpt_callbacks.core.state.rng import restore_rng_state
 
+__all__ = ["ReplayableSampler", "SamplerResume", "install_replayable_sampler"]
+
 
 class ReplayableSampler(Sampler[Any]):
     """Wraps a sampler; records the torch RNG state when each epoch's order is drawn and can replay an epoch.

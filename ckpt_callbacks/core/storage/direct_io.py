@@ -32,6 +32,8 @@ import numpy as np
 
 from ckpt_callbacks.core.storage.checksums import new_digest
 
+__all__ = ["ALIGNMENT", "CHUNK_BYTES", "ENABLED", "DirectFile"]
+
 # Module default, read at each file open: False writes every file through the page cache.
 ENABLED = True
 ALIGNMENT = 4096  # a multiple of every logical block size in use (512, 4096)

@@ -22,6 +22,21 @@ from typing import IO, Any
 
 from ckpt_callbacks.core.format import layout
 
+__all__ = [
+    "delete_tree",
+    "exchange_paths",
+    "fsync_dir",
+    "fsync_file",
+    "fsync_tree",
+    "remove_leftover",
+    "remove_stale_leftovers",
+    "remove_tree_quietly",
+    "replace_folder",
+    "unlink_quietly",
+    "write_bytes_durably",
+    "write_file_atomically",
+]
+
 logger = logging.getLogger("ckpt_callbacks")
 
 
@@ -162,28 +177,28 @@ def remove_stale_leftovers(folder: Path, *, final_name: str | None = None) -> li
     names `layout` gives them; `final_name` limits it to the leftovers of that one target. For folders without a
     writer lock (single files beside a stock `ModelCheckpoint`, an export's parent folder): a leftover of a live
     process, or of another host, is left alone. Returns the names removed; a failure is logged, not raised."""
-    removed: list[str] = []
     try:
         names = os.listdir(folder)
     except OSError:
-        return removed
-    for name in names:
-        if not layout.is_stale_leftover(name):
-            continue
-        if final_name is not None and not name.startswith((f"{layout.STAGING_PREFIX}{final_name}-",
-                                                           f"{layout.TRASH_PREFIX}{final_name}-")):
-            continue
-        path = folder / name
-        try:
-            if path.is_dir() and not path.is_symlink():
-                delete_tree(path)
-            else:
-                path.unlink()
-        except OSError as exc:
-            logger.error("Could not remove the leftover %s of an interrupted write (%s).", path, exc)
-            continue
-        removed.append(name)
-    return removed
+        return []
+    prefixes = (f"{layout.STAGING_PREFIX}{final_name}-", f"{layout.TRASH_PREFIX}{final_name}-") if final_name else ("",)
+    stale = [name for name in names if layout.is_stale_leftover(name) and name.startswith(prefixes)]
+    return [name for name in stale if remove_leftover(folder / name)]
+
+
+def remove_leftover(path: Path) -> bool:
+    """Delete a leftover of an interrupted writer (a staging or trash file or folder); log a failure (the next
+    writer retries) and return whether it is gone."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            delete_tree(path)
+        else:
+            path.unlink()
+    except OSError as exc:
+        logger.error("Could not remove %s, left by an interrupted write (%s); the next writer retries. Check the "
+                     "folder's permissions.", path, exc)
+        return False
+    return True
 
 
 def unlink_quietly(path: Path) -> None:

@@ -24,11 +24,22 @@ from pathlib import Path
 from typing import IO, Any
 
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.manifest import MAX_MANIFEST_BYTES, Manifest
+from ckpt_callbacks.core.format.manifest import Manifest, read_manifest_bytes
 from ckpt_callbacks.core.read.verify import find_problems
-from ckpt_callbacks.core.storage.durable import delete_tree, fsync_dir, fsync_tree, replace_folder
+from ckpt_callbacks.core.storage.durable import (
+    delete_tree,
+    fsync_dir,
+    fsync_tree,
+    remove_leftover,
+    replace_folder,
+)
 from ckpt_callbacks.core.storage.errors import write_error
-from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError, CheckpointWriteError
+from ckpt_callbacks.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
 
 __all__ = ["CheckpointStore", "LocalStore", "make_store"]
 
@@ -103,19 +114,10 @@ class LocalStore(CheckpointStore):
                                   "Make it readable, or check the path.", path=self.root) from None
 
     def read_manifest(self, name: str) -> bytes | None:
-        path = self.path / name / layout.MANIFEST_NAME
         try:
-            with open(path, "rb") as f:
-                return f.read(MAX_MANIFEST_BYTES + 1)
-        except (FileNotFoundError, NotADirectoryError):
+            return read_manifest_bytes(self.path / name / layout.MANIFEST_NAME)
+        except CheckpointNotFoundError:
             return None
-        except IsADirectoryError:
-            raise CheckpointCorruptError(f"{path}: is a folder, not a manifest file. Delete the checkpoint or resume "
-                                         "from another.", path=str(path), reason="malformed manifest") from None
-        except OSError as exc:
-            raise CheckpointCorruptError(
-                f"{path}: cannot read the manifest ({os.strerror(exc.errno or 0)}). Make it readable (check its "
-                "permissions), or resume from another checkpoint.", path=str(path), reason="unreadable") from None
 
     def location(self, name: str) -> str:
         return str(self.path / name)
@@ -167,21 +169,8 @@ class LocalStore(CheckpointStore):
     def clean_leftovers(self) -> list[str]:
         """Called under the writer lock: no other writer of this folder is running, so every staging or trash
         name in it is a leftover of an interrupted one."""
-        removed = []
-        for name in self.list_names():
-            if not layout.is_leftover(name):
-                continue
-            path = self.path / name
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    delete_tree(path)
-                else:
-                    path.unlink()
-            except OSError as exc:
-                logger.error("Could not remove the leftover %s (%s). Check the folder's permissions.", path, exc)
-                continue
-            removed.append(name)
-        return removed
+        leftovers = [name for name in self.list_names() if layout.is_leftover(name)]
+        return [name for name in leftovers if remove_leftover(self.path / name)]
 
     def check_free_space(self, needed_bytes: int) -> None:
         free = shutil.disk_usage(self.path).free

@@ -38,6 +38,8 @@ from ckpt_callbacks.core.storage import direct_io
 from ckpt_callbacks.core.storage.checksums import checksum_file
 from ckpt_callbacks.core.storage.direct_io import DirectFile
 
+__all__ = ["WrittenFiles", "open_for_writing", "recording", "write_buffers"]
+
 # Linux transfers at most 0x7ffff000 bytes per write call: batches stay below that.
 _MAX_BATCH_BYTES = 1 << 30
 _MAX_BATCH_BUFFERS = 1024  # IOV_MAX on Linux and macOS

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+__all__ = ["NOT_READ", "CheckpointEngine", "EngineConfig", "get_engine_class", "registered_engines"]
+
 _REGISTRY: dict[str, type[CheckpointEngine]] = {}
 
 

@@ -15,6 +15,8 @@ from ckpt_callbacks.core.format.engines.base import CheckpointEngine
 from ckpt_callbacks.core.format.engines.safetensors_engine import SafetensorsEngine
 from ckpt_callbacks.core.state.capture import RNG_STATE, restore_into
 
+__all__ = ["DCPEngine"]
+
 
 class DCPEngine(CheckpointEngine):
     name = "dcp"
@@ -25,9 +27,9 @@ class DCPEngine(CheckpointEngine):
         if _is_per_rank(relpath):
             self._rank_local().save(state, relpath)
             return
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_saver import save
 
-        dcp.save(_as_dict(state), checkpoint_id=str(self.directory / relpath), process_group=self.process_group)
+        save(_as_dict(state), checkpoint_id=str(self.directory / relpath), process_group=self.process_group)
 
     def load(self, relpath: str, map_location: Any = None) -> Any:
         """The full (unsharded) state of `relpath`, read without a template (for tools and plain values)."""
@@ -41,11 +43,11 @@ class DCPEngine(CheckpointEngine):
     def load_into(self, relpath: str, target: Any, map_location: Any = None) -> Any:
         if _is_per_rank(relpath) or not hasattr(target, "state_dict"):
             return super().load_into(relpath, target, map_location)
-        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict_loader import load
 
         _materialize_optimizer_state(target)
         template = target.state_dict()  # the live layout: DCP reads each rank's slice into it (resharding)
-        dcp.load(template, checkpoint_id=str(self.directory / relpath), process_group=self.process_group)
+        load(template, checkpoint_id=str(self.directory / relpath), process_group=self.process_group)
         return restore_into(relpath, target, template)
 
     def _rank_local(self) -> SafetensorsEngine:

@@ -14,6 +14,8 @@ from ckpt_callbacks.core.format.engines.tree_codec import decode_tree, encode_tr
 from ckpt_callbacks.core.format.safetensors_io import read_safetensors, read_tensor_specs, write_safetensors
 from ckpt_callbacks.errors import CheckpointCorruptError
 
+__all__ = ["SafetensorsEngine", "SafetensorsEngineConfig"]
+
 
 @dataclass
 class SafetensorsEngineConfig(EngineConfig):

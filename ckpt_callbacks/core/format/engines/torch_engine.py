@@ -14,6 +14,8 @@ from ckpt_callbacks.core.format.mapped_tensors import copy_out_of_map
 from ckpt_callbacks.core.storage.written_files import open_for_writing
 from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
 
+__all__ = ["TorchEngine", "load_lazily", "load_weights_only", "save_torch"]
+
 
 def save_torch(state: Any, path: Path) -> None:
     """`torch.save(state, path)` through a Python file object.

@@ -16,6 +16,8 @@ import torch
 from ckpt_callbacks.core.format.safetensors_io import view_key
 from ckpt_callbacks.errors import CheckpointError
 
+__all__ = ["decode_tree", "encode_tree"]
+
 _SCALARS = (str, bool, int)
 
 
