@@ -630,9 +630,12 @@ def replay_epoch_start(trainer: Any, checkpoint: dict[str, Any], *, skip: object
 
 
 def _namespace_of(trainer: Any) -> str:
-    """'lightning.pytorch' or 'pytorch_lightning': the package of the Trainer's own class."""
-    module = type(trainer).__module__
-    return module.split(".trainer", 1)[0]
+    """'lightning.pytorch' or 'pytorch_lightning': the package of Lightning's `Trainer` class (a user's subclass of
+    it lives elsewhere)."""
+    for cls in type(trainer).__mro__:
+        if cls.__module__.endswith(".trainer.trainer"):
+            return cls.__module__.removesuffix(".trainer.trainer")
+    return "lightning.pytorch"
 
 
 def _restarted_mid_epoch(trainer: Any) -> bool:
