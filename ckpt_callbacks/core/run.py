@@ -36,12 +36,15 @@ from ckpt_callbacks.core.read.catalog import CheckpointInfo, ResumeCandidate
 from ckpt_callbacks.core.read.verify import find_problems
 from ckpt_callbacks.core.save.retention import RetentionPolicy
 from ckpt_callbacks.core.save.saver import SaveStats
-from ckpt_callbacks.errors import CheckpointError
+from ckpt_callbacks.core.storage.store import make_store
+from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointError
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ExportSource", "RunController", "StepDecision"]
+    from ckpt_callbacks.errors import CheckpointCorruptError
+
+__all__ = ["Conventions", "ExportSource", "RunController", "StepDecision", "fresh_run_folder", "run_folder_versions"]
 
 logger = logging.getLogger("ckpt_callbacks")
 
@@ -54,6 +57,22 @@ class StepDecision:
     save: bool  # checkpoint this step now
     stop: bool  # a preemption signal: stop training after this step's checkpoint
     deferred: bool = False  # the save waits for the validation that follows this step
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """What the framework's own checkpointing does where the flags leave it open; the adapter names its
+    framework's, the rules that apply them stay here.
+
+    `final_step_saves`: the HF Trainer's. Under `steps` the final step is saved too, and the end of training saves
+    an unsaved last step. False (Lightning's `ModelCheckpoint`): saves fall only on the schedule
+    (`every_n_train_steps` never adds the final step), and the end of training saves only when the run saved
+    nothing at all (what `save_last=True` does).
+    `newest_is_best_without_metric`: without `metric_for_best_model`, the best checkpoint is the newest
+    (`ModelCheckpoint(monitor=None)`), not none (the HF Trainer's `best_model_checkpoint`)."""
+
+    final_step_saves: bool = True
+    newest_is_best_without_metric: bool = False
 
 
 @dataclass
@@ -84,15 +103,17 @@ class RunController:
     differ between them), or None for one process."""
 
     def __init__(self, manager: CheckpointManager, *, framework_args: CheckpointArguments | None = None,
-                 agree: Agreement | None = None) -> None:
+                 agree: Agreement | None = None, conventions: Conventions | None = None) -> None:
         self.manager = manager
         self.args = manager.args
         self.policy = manager.policy
         self.framework_decides = framework_args is not None and self.policy.same_timing(framework_args)
         if framework_args is not None:
             manager.protect_resumed_from = False
+        self.conventions = conventions if conventions is not None else Conventions()
         self.preemption = PreemptionFlag()
         self.stopped_by_signal = False
+        self.saves_this_run = 0
         self.export_dir: Path | None = self._export_dir()
         self.unreported_saves: list[SaveStats] = []
         self._agree = agree
@@ -100,6 +121,7 @@ class RunController:
         self._framework_best: tuple[int, float | None] | None = None
         self._metrics: _StepMetrics | None = None
         self._deferred_step: int | None = None
+        self._deferred_to_epoch_end = False
         self._evaluated_without_metric: list[str] | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -131,18 +153,22 @@ class RunController:
             self.manager.retention = RetentionPolicy(self.args.save_total_limit, keep_best,
                                                      self.manager.metric_rule if keep_best else None)
         self.stopped_by_signal = False
+        self.saves_this_run = 0
         self._deferred_step = None
+        self._deferred_to_epoch_end = False
         self._metrics = None
         self.preemption = PreemptionFlag()
         if install_signals and self.args.save_on_signal:
             self.preemption.install()
 
-    def step_ended(self, step: int, *, validation_follows: bool = False) -> StepDecision:
+    def step_ended(self, step: int, *, validation_follows: bool = False, epoch_ends: bool = False) -> StepDecision:
         """An optimizer step ended. Under the framework's own schedule only the time interval and preemption add
         saves; otherwise the policy decides. A due save waits for the validation that follows this step, if any:
-        the checkpoint then records its metrics (and a resume does not replay a validation the run never ran)."""
+        the checkpoint then records its metrics (and a resume does not replay a validation the run never ran).
+        On the epoch's last step (`epoch_ends`) it waits for the end of the epoch (`epoch_ended`): the checkpoint
+        then holds what the epoch-end hooks did with that validation, and a resume does not replay them."""
         self.check_metric_logged()
-        due = self.policy.time_interval_elapsed() if self.framework_decides else self.policy.on_step_end(step)
+        due = self.policy.time_interval_elapsed() if self.framework_decides else self._due_at_step(step)
         stop = self.preemption.requested
         if self._agree is not None and (self.args.save_on_signal or self.args.save_time_interval is not None):
             due, stop = self._agree((due, stop))
@@ -152,29 +178,41 @@ class RunController:
             self.stopped_by_signal = True
             logger.warning("Preemption signal received: saving checkpoint-%d, stopping.", step)
         save = (due or stop) and self.policy.last_saved_step != step
-        if save and validation_follows:
-            self._deferred_step = step
+        if save and (validation_follows or epoch_ends):
+            self._deferred_step, self._deferred_to_epoch_end = step, epoch_ends
             return StepDecision(save=False, stop=stop, deferred=True)
         return StepDecision(save=save, stop=stop)
 
-    def evaluated(self, step: int, metrics: Mapping[str, Any]) -> bool:
+    def _due_at_step(self, step: int) -> bool:
+        if self.conventions.final_step_saves:
+            return self.policy.on_step_end(step)
+        # The schedule alone, without the policy's final-step save.
+        interval = self.policy.save_interval if self.args.save_strategy == "steps" else None
+        return (interval is not None and step > 0 and step % interval == 0) or self.policy.time_interval_elapsed()
+
+    def evaluated(self, step: int, metrics: Mapping[str, Any], *, epoch_ends: bool = False) -> bool:
         """An evaluation of the weights at `step` (one of several, with several eval sets): merged into what the
         checkpoint of this step records. True when a save is due now: a new best under `best`, or the save that
-        waited for this validation."""
+        waited for this validation. After the epoch's last step (`epoch_ends`) a due save waits for
+        `epoch_ended` instead (see `step_ended`)."""
         numeric = _numeric(metrics)
         if self._metrics is None or self._metrics.step != step:
             self._metrics = _StepMetrics(step)
         self._metrics.metrics.update(numeric)
         self._note_metric_presence(numeric)
         is_due = self.manager.should_save_evaluation(self._metrics.metrics, step)
+        if self._deferred_to_epoch_end and self._deferred_step == step:
+            return False  # taken at the end of the epoch
         deferred, self._deferred_step = self._deferred_step == step, None
-        if self.framework_decides:
-            return deferred
-        return (is_due or deferred) and self.policy.last_saved_step != step
+        due = deferred if self.framework_decides else (is_due or deferred) and self.policy.last_saved_step != step
+        if due and epoch_ends:
+            self._deferred_step, self._deferred_to_epoch_end = step, True
+            return False
+        return due
 
     def flush_deferred(self) -> bool:
-        """Whether a save still waits for a validation that did not come (the framework skipped it): due now."""
-        due, self._deferred_step = self._deferred_step is not None, None
+        """Whether a save still waits (for a validation that did not come, or for the end of the epoch): due now."""
+        due, self._deferred_step, self._deferred_to_epoch_end = self._deferred_step is not None, None, False
         return due
 
     def epoch_ended(self) -> bool:
@@ -186,9 +224,13 @@ class RunController:
     def saved(self, step: int) -> None:
         """The framework saved `step` (on every rank, even where another rank did the writing)."""
         self.policy.record_save(step)
+        self.saves_this_run += 1
 
     def train_ended(self, step: int) -> bool:
-        """Whether a final save is due at the end of training (not when saving is off or this step is saved)."""
+        """Whether a final save is due at the end of training (not when saving is off or this step is saved; under
+        `Conventions(final_step_saves=False)` only when the run saved nothing)."""
+        if not self.conventions.final_step_saves and self.saves_this_run:
+            return False
         return self.policy.on_train_end(step)
 
     @property
@@ -220,6 +262,24 @@ class RunController:
             return self._framework_best[0] if self._framework_best is not None else None
         return self.manager.best_tracker.best_step
 
+    def best_checkpoint(self) -> CheckpointInfo | None:
+        """The run's best committed checkpoint: the framework's or the best evaluation's, else the best saved score;
+        without `metric_for_best_model`, the newest under `Conventions(newest_is_best_without_metric=True)`."""
+        best = self._best_info()
+        if best is None and self.args.metric_for_best_model is None and self.conventions.newest_is_best_without_metric:
+            return self.manager.latest()
+        return best
+
+    def best_checkpoints(self) -> list[CheckpointInfo]:
+        """The committed checkpoints that have a value of the run's metric, best first (ties to the earlier step),
+        at most `save_best_limit` of them: the ones `save_best_limit` keeps as the best."""
+        committed = {info.step: info for info in self.manager.list()}
+        rule = self.manager.metric_rule
+        ranked = rule.ranked((step, value) for step, info in committed.items()
+                             if (value := rule.value_in(info.metrics)) is not None)
+        limit = self.args.save_best_limit
+        return [committed[step] for step in (ranked if limit is None else ranked[:limit])]
+
     def best_checkpoint_path(self, step: int) -> str | None:
         """`checkpoint-{best}` in the run folder, once it exists (or is the one being saved at `step`)."""
         best = self.best_step()
@@ -241,10 +301,14 @@ class RunController:
         return metrics
 
     def save(self, step: int, state: Mapping[str, Any], *, epoch: float | None, defer_staging: bool = False,
-             copy_now: Iterable[torch.Tensor] = (), capture_rng: bool = True) -> None:
-        """Checkpoint the framework state `state` (already captured by the adapter) at `step`."""
+             copy_now: Iterable[torch.Tensor] = (), capture_rng: bool = True,
+             metrics: Mapping[str, Any] | None = None) -> None:
+        """Checkpoint the framework state `state` (already captured by the adapter) at `step`. `metrics`: values the
+        framework holds at the save (Lightning's logged metrics, training ones included); an evaluation of this
+        very step takes precedence."""
         self.check_metric_logged()
-        self.manager.save(step, state, metrics=self.metrics_at(step), epoch=epoch, defer_staging=defer_staging,
+        recorded = {**_numeric(metrics or {}), **self.metrics_at(step)}
+        self.manager.save(step, state, metrics=recorded, epoch=epoch, defer_staging=defer_staging,
                           copy_now=copy_now, capture_rng=capture_rng)
         if self.manager.last_save is not None:
             self.unreported_saves.append(self.manager.last_save)
@@ -345,11 +409,23 @@ class RunController:
                 return candidate.path
             if read_ahead is not None:
                 read_ahead(candidate.path)
-            for problem in find_problems(Path(candidate.path), candidate.info.manifest, mode):
+            for problem in self._problems(candidate.info, candidate.path, mode):
                 raise problem
             return candidate.path
 
         return self.manager.catalog.resume(requested, attempt, fallback=self.args.fallback_to_verified)
+
+    def _problems(self, info: CheckpointInfo, path: str, mode: str) -> list[CheckpointCorruptError]:
+        """What is wrong with a checkpoint by `mode`, wherever the run folder is: sizes from the store (an object
+        store lists them without a download), checksums on the files (downloaded first from an object store)."""
+        store = self.manager.store
+        if mode == "none":
+            return []
+        if store.location(info.name) != path:  # a folder outside this run: a local path
+            return list(find_problems(Path(path), info.manifest, mode))
+        if mode == "size":
+            return list(store.size_problems(info.name, info.manifest))
+        return list(find_problems(store.local_dir(info.name), info.manifest, mode))
 
     def agreed_resume_path(self, requested: str | int | os.PathLike[str], *, accept_foreign: bool = False,
                            read_ahead: Callable[[str], None] | None = None) -> str:
@@ -372,6 +448,40 @@ class RunController:
         if collective.rank != 0 and read_ahead is not None:
             read_ahead(resolved)
         return str(resolved)
+
+
+def fresh_run_folder(output_dir: str) -> str:
+    """Where a run that starts from scratch (resuming nothing) writes: `output_dir`, unless it already holds
+    `checkpoint-{step}` entries (an earlier run's), then the first `{output_dir}-v{N}` that holds none. So an
+    unrelated new run never replaces an earlier run's checkpoint of the same step, and retention and "last" never
+    mix the two runs (Lightning's `ModelCheckpoint` keeps both too, as `-v{N}` files)."""
+    parent, name = _split_folder(output_dir)
+    version = 0
+    while True:
+        candidate = output_dir.rstrip("/") if version == 0 else _join_folder(parent, layout.run_folder_version(name, version))
+        if not any(layout.parse_checkpoint_step(entry) is not None for entry in make_store(candidate).list_names()):
+            return candidate
+        version += 1
+
+
+def run_folder_versions(output_dir: str) -> list[str]:
+    """`output_dir` and the `{output_dir}-v{N}` folders beside it (`fresh_run_folder`), in version order."""
+    parent, name = _split_folder(output_dir)
+    versions = sorted(v for entry in make_store(parent).list_names()
+                      if (v := layout.parse_run_folder_version(name, entry)) is not None)
+    return [output_dir.rstrip("/"), *(_join_folder(parent, layout.run_folder_version(name, v)) for v in versions)]
+
+
+def _split_folder(folder: str) -> tuple[str, str]:
+    if "://" in folder and not folder.startswith("file://"):
+        parent, _, name = folder.rstrip("/").rpartition("/")
+        return parent, name
+    path = Path(folder.removeprefix("file://"))
+    return str(path.parent), path.name
+
+
+def _join_folder(parent: str, name: str) -> str:
+    return f"{parent}/{name}" if "://" in parent and not parent.startswith("file://") else str(Path(parent) / name)
 
 
 def raise_not_committed(candidate: ResumeCandidate) -> None:

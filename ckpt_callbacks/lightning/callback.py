@@ -2,12 +2,12 @@
 
 `CheckpointCallbackLogic` holds the behaviour; `ckpt_callbacks.lightning` and
 `ckpt_callbacks.pytorch_lightning` combine it with their namespace's
-`OnExceptionCheckpoint`. Why that base: Lightning resolves
-`fit(ckpt_path="last")` from `ModelCheckpoint` files named `last*.ckpt` and
-from the `ckpt_path` of every `OnExceptionCheckpoint`, so exposing our newest
-committed checkpoint there is the one public way in. (Lightning also turns
-`fit(ckpt_path=None)` into `"last"` when such a callback is present: a run
-resumes from its output folder unless told otherwise.)
+`ModelCheckpoint`, so Lightning treats it as its own checkpoint callback:
+`trainer.checkpoint_callback` is this callback, `fit(ckpt_path="last")` finds
+its newest checkpoint (`_find_last_checkpoints`), `ckpt_path="best"` its
+`best_model_path`, `ckpt_path=None` resumes nothing (as with `ModelCheckpoint`),
+and loggers hear of each checkpoint (`after_save_checkpoint`) once it is durable.
+None of `ModelCheckpoint`'s own saving runs: every hook is this class's.
 
 What happens where:
 
@@ -15,14 +15,21 @@ What happens where:
   best, where a resume starts and what happens at the end; this module reports
   Lightning's events to it and calls
   `trainer.save_checkpoint(.../checkpoint-{step}/checkpoint.ckpt)`, which the
-  plugin commits through the same controller.
+  plugin commits through the same controller. Lightning's conventions are
+  stated once (`LIGHTNING_CONVENTIONS`): saves fall on the schedule only (no
+  extra final-step save), and without a metric the newest checkpoint is the best.
+- A save due on an epoch's last step is taken in `on_train_epoch_end`, after the
+  validation and the epoch-end hooks (where `ModelCheckpoint` saves too): a
+  resume from it does not replay that epoch end with empty metrics.
 - RNG state (every rank) and the data position go into this callback's
   `state_dict`, i.e. into Lightning's checkpoint dict; `SamplerResume` (core)
   replays the interrupted epoch on resume.
-- During `fit`, validation runs inside an RNG bubble: the training stream is
-  put back after it. Lightning does not re-run a validation that followed the
-  saved step, so without the bubble a resumed run would draw different
-  random numbers than the uninterrupted one.
+- A save due on a step that a validation follows waits for that validation
+  (and on an epoch's last step for the epoch's end): Lightning does not re-run
+  it on resume, so the checkpoint holds the RNG state after it, and the resumed
+  run draws exactly what the uninterrupted one drew. Validation itself runs as
+  with `ModelCheckpoint` (its random draws, such as a loader's base seed, stay
+  in the training stream).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import math
 import os
 import sys
 import warnings
+import weakref
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,70 +49,153 @@ import torch
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.manager import CheckpointManager
 from ckpt_callbacks.core.read.catalog import LAST, CheckpointInfo
-from ckpt_callbacks.core.run import ExportSource, RunController
-from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
+from ckpt_callbacks.core.run import (
+    Conventions,
+    ExportSource,
+    RunController,
+    fresh_run_folder,
+    run_folder_versions,
+)
+from ckpt_callbacks.core.state.rng import capture_rng_state
 from ckpt_callbacks.core.state.sampler_replay import SamplerResume
 from ckpt_callbacks.lightning.plugin import (
     CHECKPOINT_FILE,
     ENGINE,
     CheckpointIOLogic,
     committed_checkpoint_path,
+    is_url,
+    join_path,
     make_run_manager,
+    parse_committed_path,
+    run_key,
 )
 
 logger = logging.getLogger("ckpt_callbacks")
 
+# What ModelCheckpoint does where CheckpointArguments leave it open (see core/run.py `Conventions`).
+LIGHTNING_CONVENTIONS = Conventions(final_step_saves=False, newest_is_best_without_metric=True)
+# The state key of checkpoints written before this callback was a ModelCheckpoint: their RNG and data position
+# still resume (Lightning falls back to `_legacy_state_key`).
+_OLD_STATE_KEY = "CheckpointCallback"
+
 
 class CheckpointCallbackLogic:
-    """Save policy, exact resume, best tracking and export for a Lightning `Trainer`.
+    """Save policy, exact resume, best tracking and export for a Lightning `Trainer`, in place of `ModelCheckpoint`.
 
     Args:
         args: `CheckpointArguments`; `output_dir` defaults to `{trainer.default_root_dir}/checkpoints`.
-        **overrides: fields of `CheckpointArguments` to change, e.g. `CheckpointCallback(save_steps=50)`.
+        **overrides: fields of `CheckpointArguments` to change, e.g. `CheckpointCallback(save_steps=50)`; each
+            is also a keyword parameter of its own, so `LightningCLI` accepts `init_args: {save_steps: 50}`.
 
     Needs `CheckpointIOPlugin` in the same Trainer (`plugins=[CheckpointIOPlugin()]`).
+
+    The attributes a `ModelCheckpoint` user reads are here with the same meaning: `best_model_path`,
+    `best_model_score`, `last_model_path`, `best_k_models`, `kth_best_model_path`, `kth_value`, `current_score`,
+    `dirpath`, `monitor`, `mode`, `save_top_k`; they describe the committed checkpoints, as the core sees them.
     """
 
     def __init__(self, args: CheckpointArguments | None = None, **overrides: Any) -> None:
         args = args if args is not None else CheckpointArguments()
-        self.args = args.replace(**overrides) if overrides else args
+        args = args.replace(**overrides) if overrides else args
+        if args.output_dir is not None and not is_url(args.output_dir):
+            args = args.replace(output_dir=os.path.realpath(os.path.expanduser(args.output_dir)))  # as ModelCheckpoint
+        self.args = args
         if self.args.engine not in (None, ENGINE):
             raise ValueError(
                 f"engine={self.args.engine!r}: the Lightning adapter stores Lightning's checkpoint dict as one torch "
                 f"file so stock loaders can read it; leave engine unset (or '{ENGINE}')."
             )
-        self.dirpath: str | Path = self.args.output_dir or ""
-        self.filename = CHECKPOINT_FILE
-        self._output_dir: Path | None = Path(self.args.output_dir) if self.args.output_dir else None
-        self._runs: dict[Path, RunController] = {}
+        self._output_dir: Path | str | None = _folder(self.args.output_dir) if self.args.output_dir else None
+        self._configured_dir = self._output_dir  # before a run from scratch moved to `{output_dir}-v{N}`
+        self._set_model_checkpoint_attributes()
+        self._assigned: dict[str, Any] = {}
+        self._reset_runtime()
+        _silence_misleading_lightning_warnings()
+
+    def _reset_runtime(self) -> None:
+        self._runs: dict[str, RunController] = {}
         self._trainer: Any = None
         self._plugin: CheckpointIOLogic | None = None
-        self._data = SamplerResume()
+        self._active = False
         self._reset_run_state()
-        _silence_misleading_lightning_warnings()
 
     def _reset_run_state(self) -> None:
         self._last_step_seen: int | None = None
-        self._rng_before_validation: dict[str, Any] | None = None
+        self._fit_start: tuple[int, int] | None = None  # (global_step, batches) when this fit's training started
+        self._restored_checkpoint: dict[str, Any] | None = None  # until the resumed training starts
+
+    def _set_model_checkpoint_attributes(self) -> None:
+        """`ModelCheckpoint`'s configuration attributes, as these arguments map to them (docs/migration.md)."""
+        args = self.args
+        # Typed as ModelCheckpoint's attributes are (Any here: each namespace's ModelCheckpoint declares its own).
+        self.dirpath: Any = str(self._output_dir) if self._output_dir is not None else None
+        self.filename: Any = CHECKPOINT_FILE
+        self.monitor = args.metric_for_best_model
+        self.mode = "max" if args.metric_for_best_model is not None and args.metric_greater_is_better else "min"
+        limit = args.save_best_limit if args.metric_for_best_model is not None else args.save_total_limit
+        saves = args.save_strategy != "no" or args.save_time_interval is not None
+        self.save_top_k = (limit or -1) if saves else 0
+        self.save_last: Any = True  # the newest checkpoint is always kept and is what "last" resumes
+        self.save_weights_only = args.save_only_model
+        self.save_on_exception = False
+        self.verbose = False
+        self.auto_insert_metric_name = False
+        self._every_n_train_steps = int(args.save_steps) if args.save_strategy == "steps" and args.save_steps >= 1 else 0
+        self._every_n_epochs = 1 if args.save_strategy == "epoch" else 0
+        self._train_time_interval = (timedelta(seconds=args.save_time_interval)
+                                     if args.save_time_interval is not None else None)
+        self._save_on_train_epoch_end: bool | None = None
+        self._enable_version_counter = False
+        self._fs = _filesystem(self.dirpath or "")
+
+    # Pickling (`torch.save(trainer)`): writers, signal handlers and the Trainer are process-local; the callback's
+    # arguments and the data position travel, and the run is re-created lazily.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("_runs", "_trainer", "_plugin", "_fs", "_restored_checkpoint"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._runs, self._trainer, self._plugin, self._restored_checkpoint = {}, None, None, None
+        self._fs = _filesystem(self.dirpath or "")
+
+    @property
+    def _data(self) -> SamplerResume:
+        """The data position (made when first needed, so an unused callback pickles to an equal copy)."""
+        data = self.__dict__.get("_sampler_resume")
+        if data is None:
+            data = self.__dict__["_sampler_resume"] = SamplerResume()
+        return data
 
     # ------------------------------------------------------------------ public surface
 
     @property
-    def output_dir(self) -> Path:
+    def output_dir(self) -> Path | str:
+        """The run folder (a local `Path`, or an fsspec URL as given); `{output_dir}-v{N}` for a run from scratch
+        whose `output_dir` held an earlier run's checkpoints."""
         if self._output_dir is not None:
             return self._output_dir
+        return self._default_dir(None)
+
+    def _default_dir(self, trainer: Any) -> Path | str:
         # Before setup, Lightning already asks for `ckpt_path` (fit(ckpt_path="last") resolves first), so the
         # Trainer's default_root_dir is found on the call stack; the working directory is Lightning's default.
-        trainer = self._trainer if self._trainer is not None else _trainer_on_stack(self)
+        trainer = trainer or self._trainer or _trainer_on_stack(self)
         root = trainer.default_root_dir if trainer is not None else os.getcwd()
-        return Path(root) / "checkpoints"
+        return _folder(join_path(root, "checkpoints"))
 
     @property
     def run(self) -> RunController:
         """The run controller of this run's folder."""
-        key = self.output_dir.resolve()
+        return self._run_for(self.output_dir)
+
+    def _run_for(self, folder: Path | str) -> RunController:
+        key = run_key(folder)
         if key not in self._runs:
-            self._runs[key] = RunController(make_run_manager(self.args, self.output_dir), agree=self._agreement())
+            self._runs[key] = RunController(make_run_manager(self.args, folder), agree=self._agreement(),
+                                            conventions=LIGHTNING_CONVENTIONS)
         return self._runs[key]
 
     @property
@@ -118,14 +210,18 @@ class CheckpointCallbackLogic:
 
     @property
     def ckpt_path(self) -> str:
-        """The checkpoint `fit(ckpt_path="last")` resumes from ("" when there is none): the newest one; when it is
-        damaged, an error naming the file, unless `fallback_to_verified` asked for the newest one that passes."""
+        """The checkpoint `fit(ckpt_path="last")` resumes from in this run's folder ("" when there is none): the
+        newest one; when it is damaged, an error naming the file, unless `fallback_to_verified` asked for the
+        newest one that passes."""
+        return self._newest_in(self.output_dir)
+
+    def _newest_in(self, folder: Path | str) -> str:
         verify = self.args.verify_on_load if self.args.fallback_to_verified else "size"
         try:
-            folder = self.run.resume_path(LAST, verify=verify)
+            found = self._run_for(folder).resume_path(LAST, verify=verify)
         except FileNotFoundError:
             return ""
-        return os.path.join(folder, CHECKPOINT_FILE)
+        return join_path(found, CHECKPOINT_FILE)
 
     @property
     def exit_code(self) -> int:
@@ -136,18 +232,116 @@ class CheckpointCallbackLogic:
 
     @property
     def last_model_path(self) -> str:
-        return _checkpoint_file(self.manager.latest())
+        """The newest committed checkpoint, "" when there is none (one still being written counts once it is
+        complete: loggers hear of it then, `after_save_checkpoint`)."""
+        return _checkpoint_file(self.manager.latest()) or self._assigned.get("last_model_path", "")
+
+    @last_model_path.setter
+    def last_model_path(self, value: str) -> None:
+        self._assigned["last_model_path"] = value
 
     @property
     def best_model_path(self) -> str:
-        """The best committed checkpoint by `metric_for_best_model` ("" when none): `fit(ckpt_path="best")`."""
-        return _checkpoint_file(self.manager.best())
+        """The best committed checkpoint ("" when none): by `metric_for_best_model`, or without one the newest, as
+        `ModelCheckpoint(monitor=None)`. What `fit(ckpt_path="best")` resumes from."""
+        if self.args.metric_for_best_model is None:
+            return self.last_model_path
+        return _checkpoint_file(self.run.best_checkpoint()) or self._assigned.get("best_model_path", "")
+
+    @best_model_path.setter
+    def best_model_path(self, value: str) -> None:
+        # Lightning's spawn launchers copy the worker's best path into the main process's callback.
+        self._assigned["best_model_path"] = value
 
     @property
     def best_model_score(self) -> torch.Tensor | None:
-        best = self.manager.best()
-        value = self.manager.metric_rule.value_in(best.metrics) if best is not None else None
-        return None if value is None else torch.tensor(value)
+        if self.args.metric_for_best_model is None:
+            return None
+        return self._score_of(self.run.best_checkpoint())
+
+    @best_model_score.setter
+    def best_model_score(self, value: Any) -> None:
+        self._assigned["best_model_score"] = value
+
+    @property
+    def best_k_models(self) -> dict[str, torch.Tensor]:
+        """{checkpoint file: score} of the best checkpoints `save_best_limit` keeps (all scored ones without a
+        limit); empty without a metric, as `ModelCheckpoint(monitor=None)`."""
+        if self.args.metric_for_best_model is None:
+            return {}
+        found = {}
+        for info in self.run.best_checkpoints():
+            score = self._score_of(info)
+            if score is not None:
+                found[_checkpoint_file(info)] = score
+        return found
+
+    @best_k_models.setter
+    def best_k_models(self, value: Any) -> None:
+        self._assigned["best_k_models"] = value
+
+    @property
+    def kth_best_model_path(self) -> str:
+        """The worst of `best_k_models` once it holds `save_best_limit` checkpoints (any number without a limit)."""
+        best = self.best_k_models
+        limit = self.args.save_best_limit
+        if not best or (limit is not None and len(best) < limit):
+            return ""
+        return list(best)[-1]
+
+    @kth_best_model_path.setter
+    def kth_best_model_path(self, value: str) -> None:
+        self._assigned["kth_best_model_path"] = value
+
+    @property
+    def kth_value(self) -> torch.Tensor:
+        path = self.kth_best_model_path
+        if path:
+            return self.best_k_models[path]
+        return torch.tensor(-math.inf if self.mode == "max" else math.inf)
+
+    @kth_value.setter
+    def kth_value(self, value: Any) -> None:
+        self._assigned["kth_value"] = value
+
+    @property
+    def current_score(self) -> torch.Tensor | None:
+        """The metric of the newest committed checkpoint that has one (None without a metric)."""
+        if self.args.metric_for_best_model is None:
+            return None
+        for info in reversed(self.manager.list()):
+            score = self._score_of(info)
+            if score is not None:
+                return score
+        return None
+
+    @current_score.setter
+    def current_score(self, value: Any) -> None:
+        self._assigned["current_score"] = value
+
+    @property
+    def every_n_epochs(self) -> int:
+        return self._every_n_epochs
+
+    @property
+    def state_key(self) -> str:
+        """Distinct per timing and metric, as `ModelCheckpoint`'s: two callbacks in one Trainer keep their states
+        apart (and two identical ones are refused by Lightning, as two identical `ModelCheckpoint`s are)."""
+        key = {"save_strategy": self.args.save_strategy, "save_steps": self.args.save_steps,
+               "save_time_interval": self.args.save_time_interval, "metric_for_best_model": self.monitor}
+        return f"{type(self).__qualname__}{key!r}"
+
+    @property
+    def _legacy_state_key(self) -> Any:
+        return _OLD_STATE_KEY
+
+    def _find_last_checkpoints(self, trainer: Any) -> set[str]:
+        """What `fit(ckpt_path="last")` may resume from (Lightning asks every `ModelCheckpoint`, then takes the
+        most recently written): the core's choice, the newest committed checkpoint, of `output_dir` and of each
+        `{output_dir}-v{N}` a run from scratch moved to (as `ModelCheckpoint` offers `last.ckpt`, `last-v1.ckpt`)."""
+        configured = self._configured_dir if self._configured_dir is not None else self._default_dir(trainer)
+        found = {self._newest_in(_folder(folder)) for folder in run_folder_versions(os.fspath(configured))}
+        return {path for path in found if path}
 
     # ------------------------------------------------------------------ Lightning hooks
 
@@ -155,11 +349,17 @@ class CheckpointCallbackLogic:
         self._trainer = trainer
         if stage != "fit":
             return
+        # fast_dev_run checks the code, as with ModelCheckpoint: nothing is saved, locked or exported
+        self._active = not trainer.fast_dev_run
         if self._output_dir is None:
-            self._output_dir = Path(trainer.default_root_dir) / "checkpoints"
+            self._output_dir = self.output_dir
             self.dirpath = str(self._output_dir)
+            self._fs = _filesystem(self.dirpath)
+            self._configured_dir = self._output_dir
         self._reset_run_state()
         self._plugin = _find_plugin(trainer)
+        if not self._active:
+            return
         self._plugin.register_run(self.run)
         # A DataLoader passed to fit() exists now, before the checkpoint is restored and before any iterator:
         # the only moment at which wrapping it works for every num_workers.
@@ -181,6 +381,10 @@ class CheckpointCallbackLogic:
         rank = getattr(self._trainer, "global_rank", 0)
         self._data.load_state_dict(state_dict.get("position") or {}, states[rank % len(states)])
 
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        # Kept until training starts: a mid-epoch resume replays the epoch's start with it (`on_train_start`).
+        self._restored_checkpoint = checkpoint if _fitting(trainer) else None
+
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         # Lightning creates the first training iterator after this hook: for an epoch-boundary resume, the next
         # epoch's order must be drawn from the RNG state the checkpoint saved.
@@ -189,16 +393,26 @@ class CheckpointCallbackLogic:
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._attach_late(trainer)
         self._data.batches_per_epoch = _finite_int(trainer.num_training_batches)
+        checkpoint, self._restored_checkpoint = self._restored_checkpoint, None
+        if checkpoint is not None and _restarted_mid_epoch(trainer):
+            replay_epoch_start(trainer, checkpoint, skip=self)
         resumed = self._data.resuming
-        self._data.after_iterator()
+        self._data.after_iterator()  # after the replay: the RNG is the checkpoint's, whatever the hooks drew
         self._last_step_seen = trainer.global_step
+        self._fit_start = (trainer.global_step, 0)
+        if not self._active:
+            return
+        if trainer.ckpt_path is None and trainer.global_step == 0:
+            self._start_from_scratch(trainer)
+        elif trainer.ckpt_path is not None:
+            self._continue_where_resumed(os.fspath(trainer.ckpt_path))
         # After Lightning installed its own handlers (it does so after on_fit_start): ours replace them for the
         # training, so SIGTERM means "save at the next step, then return from fit" instead of an exception.
         self.run.begin(max_steps=_max_steps(trainer), step=trainer.global_step, resumed=resumed)
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
-        # Resuming from a checkpoint taken after the epoch's last batch (in on_validation_end), Lightning finishes
-        # the old epoch and creates a new iterator for the next one: that iterator must draw from the saved state.
+        # Resuming from a checkpoint taken at an epoch's end, Lightning finishes the old epoch and creates a new
+        # iterator for the next one: that iterator must draw from the saved state.
         if self._data.resuming and _new_iterator_follows(trainer):
             self._data.before_iterator()
 
@@ -206,39 +420,47 @@ class CheckpointCallbackLogic:
         self._data.finish()
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._rng_before_validation = capture_rng_state()
+        if not self._active:
+            return
+        self._count_optimizer_steps(trainer, pl_module)
         step = trainer.global_step
         if step == self._last_step_seen:
             return  # accumulating gradients: no optimizer step ended
         self._last_step_seen = step
         if self.run.flush_deferred():
             self._save(trainer)
-        decision = self.run.step_ended(step, validation_follows=_validation_follows(trainer))
+        decision = self.run.step_ended(step, validation_follows=_validation_follows(trainer),
+                                       epoch_ends=_epoch_ends(trainer))
         if decision.save:
             self._save(trainer)
         if decision.stop:
             trainer.should_stop = True
+        self._announce_saves(trainer)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if trainer.sanity_checking or not _fitting(trainer) or self._plugin is None:
+        if trainer.sanity_checking or not _fitting(trainer) or not self._active:
             return
-        if self._rng_before_validation is not None:
-            restore_rng_state(self._rng_before_validation)
-        if self.run.evaluated(trainer.global_step, trainer.callback_metrics):
+        if self.run.evaluated(trainer.global_step, self._metrics_now(trainer), epoch_ends=_epoch_ends(trainer)):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._active:
+            return
         if self.run.flush_deferred():
             self._save(trainer)
         if self.run.epoch_ended():
             self._save(trainer)
+        self._announce_saves(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._active:
+            return
         if self.run.flush_deferred():
             self._save(trainer)
         if self.run.train_ended(trainer.global_step):
             self._save(trainer)
         self.manager.wait()  # surface a failed background write now, and let best_model_path see every save
+        self._announce_saves(trainer)
         trainer.strategy.barrier("ckpt_callbacks.on_train_end")
         load_best = {CHECKPOINT_FILE: _ModelInTrainer(trainer)} if self.args.load_best_model_at_end else None
         model, pretrained = exportable_model(pl_module)
@@ -246,14 +468,49 @@ class CheckpointCallbackLogic:
         self.run.end(load_best_into=load_best, export=export, is_exporting_rank=trainer.is_global_zero)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        # OnExceptionCheckpoint would save here; a checkpoint taken mid-failure is not trusted for resume.
-        self.run.preemption.uninstall()
+        # ModelCheckpoint(save_on_exception=True) would save here; a checkpoint taken mid-failure is not trusted
+        # for resume (docs/migration.md).
+        if self._runs:
+            self.run.preemption.uninstall()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        # OnExceptionCheckpoint would delete ckpt_path (our newest checkpoint) here.
-        self.run.preemption.uninstall()
+        if self._runs:
+            self.run.preemption.uninstall()
 
     # ------------------------------------------------------------------ internals
+
+    def _start_from_scratch(self, trainer: Any) -> None:
+        """A run that resumes nothing never writes among an earlier run's checkpoints (core: `fresh_run_folder`);
+        global rank 0 looks, every rank follows."""
+        folder = fresh_run_folder(os.fspath(self.output_dir)) if trainer.is_global_zero else None
+        folder = trainer.strategy.broadcast(folder)
+        if run_key(folder) == run_key(self.output_dir):
+            return
+        if trainer.is_global_zero:
+            warnings.warn(f"Checkpoint directory {self.output_dir} holds the checkpoints of an earlier run; this run "
+                          f"starts from scratch (fit(ckpt_path=None)) and writes to {folder}. Pass ckpt_path='last' "
+                          "to resume instead.", stacklevel=2)
+        self._switch_to(folder)
+
+    def _continue_where_resumed(self, ckpt_path: str) -> None:
+        """A run resumed from a checkpoint of `output_dir` or of one of its `-v{N}` folders goes on in that folder
+        (the same path on every rank)."""
+        committed = parse_committed_path(ckpt_path)
+        if committed is None:
+            return
+        configured = self._configured_dir if self._configured_dir is not None else self.output_dir
+        folders = {run_key(folder): folder for folder in run_folder_versions(os.fspath(configured))}
+        folder = folders.get(run_key(committed[0]))
+        if folder is not None and run_key(folder) != run_key(self.output_dir):
+            logger.info("Resumed from %s: this run goes on saving into %s.", ckpt_path, folder)
+            self._switch_to(folder)
+
+    def _switch_to(self, folder: str) -> None:
+        self._output_dir = _folder(folder)
+        self.dirpath = str(self._output_dir)
+        self._fs = _filesystem(self.dirpath)
+        assert self._plugin is not None
+        self._plugin.register_run(self.run)
 
     def _save(self, trainer: Any) -> None:
         assert self._plugin is not None
@@ -261,9 +518,58 @@ class CheckpointCallbackLogic:
         if self.run.policy.last_saved_step == step:
             return
         path = committed_checkpoint_path(self.output_dir, step)
-        self._plugin.expect_save(path, epoch=_fractional_epoch(trainer))
+        self._plugin.expect_save(path, epoch=_fractional_epoch(trainer), metrics=self._metrics_now(trainer))
         trainer.save_checkpoint(path, weights_only=self.args.save_only_model)
         self.run.saved(step)  # every rank: Lightning writes on rank 0 only, but all ranks must agree what is saved
+
+    def _announce_saves(self, trainer: Any) -> None:
+        """`logger.after_save_checkpoint` for each save once it is durable (on the training thread, as stock).
+        The saves are written on global rank 0, where Lightning's loggers are told too."""
+        for _ in self.run.finished_save_stats():
+            for lightning_logger in trainer.loggers:
+                lightning_logger.after_save_checkpoint(weakref.proxy(self))
+
+    def _metrics_now(self, trainer: Any) -> dict[str, Any]:
+        """What Lightning has logged (training and validation), and `epoch`/`step` when they are the metric, as
+        `ModelCheckpoint` reads them at a save. A NaN value of the metric is the worst value (+inf when lower is
+        better), as `ModelCheckpoint` ranks it, instead of no value."""
+        metrics = dict(trainer.callback_metrics)
+        if self.monitor == "epoch":
+            metrics.setdefault("epoch", trainer.current_epoch)
+        if self.monitor == "step":
+            metrics.setdefault("step", trainer.global_step)
+        value = metrics.get(self.monitor) if self.monitor is not None else None
+        if value is not None and _is_nan(value):
+            metrics[self.monitor] = math.inf if self.mode == "min" else -math.inf
+        return metrics
+
+    def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None,
+                               prefix: str | None = None) -> str:
+        """The file of the checkpoint of `metrics["step"]` in this callback's layout
+        (`{output_dir}/checkpoint-{step}/checkpoint.ckpt`); `filename`, `ver` and `prefix` do not apply."""
+        step = metrics.get("step", 0)
+        return self._checkpoint_file_of(int(step.item() if hasattr(step, "item") else step))
+
+    def _count_optimizer_steps(self, trainer: Any, pl_module: Any) -> None:
+        """With manual optimization global_step counts every optimizer's steps, while Lightning's estimate of the
+        run's length counts batches: after the first batch, scale it (a ratio `save_steps` resolves on it)."""
+        if self._fit_start is None or getattr(pl_module, "automatic_optimization", True) or trainer.max_steps > 0:
+            return
+        start_step, batches = self._fit_start
+        self._fit_start = (start_step, batches + 1)
+        if batches == 0 and trainer.global_step > start_step:
+            estimate = _finite_int(trainer.estimated_stepping_batches)
+            if estimate is not None:
+                self.run.policy.set_max_steps(estimate * (trainer.global_step - start_step))
+
+    def _checkpoint_file_of(self, step: int) -> str:
+        return committed_checkpoint_path(self.output_dir, step)
+
+    def _score_of(self, info: CheckpointInfo | None) -> torch.Tensor | None:
+        if info is None:
+            return None
+        value = self.manager.metric_rule.value_in(info.metrics)
+        return None if value is None else torch.tensor(value)
 
     def _agreement(self) -> Any:
         """Lightning's cross-rank vote for the run controller: any rank's flag counts for all."""
@@ -290,6 +596,50 @@ class CheckpointCallbackLogic:
         if getattr(loader, "num_workers", 0) > 0:
             self._data.before_iterator()
             _recreate_train_iterator(trainer)
+
+
+def replay_epoch_start(trainer: Any, checkpoint: dict[str, Any], *, skip: object) -> None:
+    """Resuming in the middle of an epoch, Lightning skips the epoch's `on_train_epoch_start` hooks, which the
+    interrupted run did call before it saved: `StochasticWeightAveraging` then never swaps in its scheduler for
+    the rest of the epoch, `BackboneFinetuning` leaves the backbone frozen for good. Call them as Lightning's fit
+    loop does (callbacks, then the LightningModule), then put back what the checkpoint holds of everything they
+    may have changed (weights, optimizers, schedulers, the other callbacks' states): what they did beyond that
+    (a scheduler swapped, parameters made trainable) is what the interrupted run had too."""
+    import importlib
+    from copy import deepcopy
+
+    call = importlib.import_module(f"{_namespace_of(trainer)}.trainer.call")
+    with warnings.catch_warnings():
+        # BackboneFinetuning re-adds the backbone's parameter group, which the restored optimizer already has
+        warnings.filterwarnings("ignore", message=r"The provided params to be frozen already exist")
+        call._call_callback_hooks(trainer, "on_train_epoch_start")
+        call._call_lightning_module_hook(trainer, "on_train_epoch_start")
+    strategy = trainer.strategy
+    strategy.load_model_state_dict(checkpoint, strict=getattr(trainer.lightning_module, "strict_loading", True))
+    if checkpoint.get("optimizer_states"):
+        strategy.load_optimizer_state_dict(checkpoint)
+    for config, state in zip(trainer.lr_scheduler_configs, checkpoint.get("lr_schedulers") or [], strict=False):
+        config.scheduler.load_state_dict(state)
+    states = checkpoint.get("callbacks") or {}
+    for callback in trainer.callbacks:
+        if callback is skip:
+            continue
+        state = states.get(callback.state_key, states.get(callback._legacy_state_key))
+        if state:
+            callback.load_state_dict(deepcopy(state))
+
+
+def _namespace_of(trainer: Any) -> str:
+    """'lightning.pytorch' or 'pytorch_lightning': the package of Lightning's `Trainer` class (a user's subclass of
+    it lives elsewhere)."""
+    for cls in type(trainer).__mro__:
+        if cls.__module__.endswith(".trainer.trainer"):
+            return cls.__module__.removesuffix(".trainer.trainer")
+    return "lightning.pytorch"
+
+
+def _restarted_mid_epoch(trainer: Any) -> bool:
+    return bool(getattr(trainer.fit_loop, "restarted_mid_epoch", False))
 
 
 class _ModelInTrainer:
@@ -326,7 +676,33 @@ def _parameter_count(module: torch.nn.Module) -> int:
 
 
 def _checkpoint_file(info: CheckpointInfo | None) -> str:
-    return os.path.join(info.path, CHECKPOINT_FILE) if info is not None else ""
+    return join_path(info.path, CHECKPOINT_FILE) if info is not None else ""
+
+
+def _folder(path: str | os.PathLike[str]) -> Path | str:
+    """A run folder as this callback keeps it: a local `Path`, or an fsspec URL kept as a string (a `Path` would
+    fold its `//`)."""
+    text = os.fspath(path)
+    return text.rstrip("/") if is_url(text) else Path(text.removeprefix("file://"))
+
+
+def _filesystem(path: str) -> Any:
+    """The fsspec file system of `path` (what `ModelCheckpoint._fs` is; `to_yaml` and `file_exists` use it)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(path or ".")[0]
+
+
+def _is_nan(value: Any) -> bool:
+    try:
+        return math.isnan(float(value.item() if hasattr(value, "item") else value))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def _epoch_ends(trainer: Any) -> bool:
+    """Whether the batch that just ended is the epoch's last (Lightning's own flag, set before the batch's hooks)."""
+    return bool(getattr(trainer.fit_loop.epoch_loop.batch_progress, "is_last_batch", False))
 
 
 def _find_plugin(trainer: Any) -> CheckpointIOLogic:
@@ -425,11 +801,8 @@ def _fitting(trainer: Any) -> bool:
 
 
 def _silence_misleading_lightning_warnings() -> None:
-    """Two Lightning warnings say the opposite of what happens with this callback: that fit(ckpt_path=None)
-    loads "the last model of the previous fit" (it resumes from the newest checkpoint in output_dir, and
-    Lightning logs the path), and that a mid-epoch resume of a plain DataLoader is unreliable (the callback
-    replays the epoch exactly; where it cannot, it warns itself). Only these two messages are filtered."""
-    warnings.filterwarnings("ignore", message=r"`\.fit\(ckpt_path=None\)` was called without a model")
+    """Lightning warns that a mid-epoch resume of a plain DataLoader is unreliable; with this callback it is exact
+    (the callback replays the epoch; where it cannot, it warns itself). Only this message is filtered."""
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 

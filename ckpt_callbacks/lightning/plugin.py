@@ -4,16 +4,20 @@
 `ckpt_callbacks.pytorch_lightning` combine it with their namespace's
 `CheckpointIO` base class. It imports no Lightning module itself.
 
-Two kinds of paths arrive here:
+Two kinds of paths arrive here, local paths or fsspec URLs (`s3://`, `memory://`, ...):
 
 - `{run}/checkpoint-{step}/checkpoint.ckpt` (what `CheckpointCallback` asks
   for) goes to the run's `RunController`: a staged folder with `manifest.json`,
-  committed by rename, retention applied, asynchronous when configured. The
-  file inside is one plain torch zip, so stock loaders read the path as is.
+  committed by rename (uploaded manifest-last on an object store), retention
+  applied, asynchronous when configured. The file inside is one plain torch zip,
+  so stock loaders read the path as is.
 - any other path (stock `ModelCheckpoint`, `trainer.save_checkpoint("x.ckpt")`)
   stays a single file, written atomically with its manifest inside it, and
   complete when `save_checkpoint` returns, exactly as with `TorchCheckpointIO`
   (`ModelCheckpoint` looks at the file system right after a save).
+
+Every save the library does not schedule itself is complete when `save_checkpoint` returns; only the saves a
+`CheckpointCallback` announces (`expect_save`) are written in the background.
 
 Loading verifies first and always uses `torch.load(weights_only=True)`.
 """
@@ -22,13 +26,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.distributed.collective import SingleProcess
 from ckpt_callbacks.core.format import layout
-from ckpt_callbacks.core.format.single_file import load_torch_file, remove_file, save_torch_file
+from ckpt_callbacks.core.format.single_file import is_url, load_torch_file, remove_file, save_torch_file
 from ckpt_callbacks.core.manager import CheckpointManager
 from ckpt_callbacks.errors import CheckpointError
 
@@ -41,18 +46,34 @@ CHECKPOINT_FILE = layout.LIGHTNING_CHECKPOINT_FILE
 ENGINE = "torch"
 
 
+def join_path(folder: str | os.PathLike[str], *names: str) -> str:
+    """`folder/names...` for a local path or an fsspec URL (whose `//` must survive)."""
+    text = os.fspath(folder)
+    if is_url(text):
+        return "/".join([text.rstrip("/"), *names])
+    return os.path.join(text, *names)
+
+
 def committed_checkpoint_path(output_dir: str | os.PathLike[str], step: int) -> str:
     """The path `CheckpointCallback` saves to, which the plugin commits as folder `checkpoint-{step}`."""
-    return os.path.join(os.fspath(output_dir), layout.checkpoint_name(step), CHECKPOINT_FILE)
+    return join_path(output_dir, layout.checkpoint_name(step), CHECKPOINT_FILE)
 
 
-def parse_committed_path(path: str | os.PathLike[str]) -> tuple[Path, int, str] | None:
+def parse_committed_path(path: str | os.PathLike[str]) -> tuple[str, int, str] | None:
     """(run folder, step, file name) for `{run}/checkpoint-{step}/{file}`, None for any other path."""
-    target = Path(path)
-    step = layout.parse_checkpoint_step(target.parent.name)
-    if step is None or not target.name or target.name.startswith("."):
+    text = os.fspath(path)
+    if is_url(text):
+        folder, _, name = text.rstrip("/").rpartition("/")
+        run_dir, _, checkpoint = folder.rpartition("/")
+        if "://" not in run_dir:  # `s3://bucket` itself has no run folder above it
+            return None
+    else:
+        target = Path(text)
+        name, checkpoint, run_dir = target.name, target.parent.name, str(target.parent.parent)
+    step = layout.parse_checkpoint_step(checkpoint)
+    if step is None or not name or name.startswith("."):
         return None
-    return target.parent.parent, step, target.name
+    return run_dir, step, name
 
 
 def make_run_manager(args: CheckpointArguments, output_dir: str | os.PathLike[str]) -> CheckpointManager:
@@ -65,35 +86,62 @@ def make_run_manager(args: CheckpointArguments, output_dir: str | os.PathLike[st
     return CheckpointManager(run_args, engine=ENGINE, collective=SingleProcess())
 
 
+def run_key(output_dir: str | os.PathLike[str]) -> str:
+    """One key per run folder, however it is spelled (a URL as given, a local path resolved)."""
+    text = os.fspath(output_dir)
+    return text.rstrip("/") if is_url(text) else str(Path(text.removeprefix("file://")).expanduser().resolve())
+
+
 class CheckpointIOLogic:
-    """Atomic, verified `CheckpointIO` (both the 2.5 and 2.6 signatures), asynchronous for the saves a
-    `CheckpointCallback` schedules.
+    """Atomic, verified `CheckpointIO` (both the 2.5 and 2.6 signatures) for local paths and fsspec URLs,
+    asynchronous for the saves a `CheckpointCallback` schedules.
 
     Args:
-        args: `verify_on_load` applies to every path; `async_save` and the rest (retention, metric) to run folders
-            that no `CheckpointCallback` registered. A callback's own arguments govern its run folder.
+        args: `verify_on_load` applies to every path; `async_save` to the saves a `CheckpointCallback` schedules
+            into a run folder it did not register (a registered run's own arguments govern it). Every other save
+            (a stock `ModelCheckpoint`, `trainer.save_checkpoint(path)`) is complete when it returns.
+        **overrides: fields of `CheckpointArguments`, e.g. `CheckpointIOPlugin(verify_on_load="size")`; each also
+            has its own keyword parameter (see `ckpt_callbacks.lightning.adapter`), so `LightningCLI` and
+            jsonargparse accept `init_args: {async_save: false}`.
     """
 
     def __init__(self, args: CheckpointArguments | None = None, **overrides: Any) -> None:
         args = args if args is not None else CheckpointArguments()
         self.args = args.replace(**overrides) if overrides else args
-        self._runs: dict[Path, RunController] = {}
-        self._managers: dict[Path, CheckpointManager] = {}  # run folders no callback registered
-        self._expected_epoch: dict[str, float | None] = {}
+        self._reset_runtime()
+
+    def _reset_runtime(self) -> None:
+        self._runs: dict[str, RunController] = {}
+        self._managers: dict[str, CheckpointManager] = {}  # run folders no callback registered
+        self._expected: dict[str, tuple[float | None, dict[str, float]]] = {}
+
+    # Pickling (`torch.save(trainer)`): writers, staging buffers and run controllers are process-local and
+    # re-created lazily; what a plugin is configured with travels.
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        for name in ("_runs", "_managers", "_expected"):
+            state.pop(name, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_runtime()
 
     def register_run(self, run: RunController) -> None:
         """Route saves into `run`'s folder through `run` (its retention, metric and async settings)."""
-        self._runs[_run_key(run.manager.store.root)] = run
+        self._runs[run_key(run.manager.store.root)] = run
 
-    def expect_save(self, path: str | os.PathLike[str], *, epoch: float | None) -> None:
-        """The (fractional) epoch the manifest of the coming save to `path` records (Lightning's dict rounds it).
+    def expect_save(self, path: str | os.PathLike[str], *, epoch: float | None,
+                    metrics: Mapping[str, float] | None = None) -> None:
+        """The coming save to `path` is one the library scheduled (it may be written in the background), and the
+        (fractional) epoch and metrics its manifest records (Lightning's dict rounds the epoch).
 
         Lightning calls `save_checkpoint` on global rank 0 only; on other ranks the note is simply replaced by
         the next one."""
-        self._expected_epoch = {os.path.normpath(os.fspath(path)): epoch}
+        self._expected = {_path_key(path): (epoch, dict(metrics or {}))}
 
     def run_manager(self, output_dir: str | os.PathLike[str]) -> CheckpointManager:
-        key = _run_key(output_dir)
+        key = run_key(output_dir)
         if key in self._runs:
             return self._runs[key].manager
         if key not in self._managers:
@@ -105,32 +153,38 @@ class CheckpointIOLogic:
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError(
-                f"CheckpointIOPlugin.save_checkpoint got storage_options={storage_options!r}, which it does not use. "
-                "Pass storage options through CheckpointArguments, or drop them."
+                "`Trainer.save_checkpoint(..., storage_options=...)` with `storage_options` arg is not supported for "
+                f"`{type(self).__name__}` (as for TorchCheckpointIO). Pass fsspec options through the environment "
+                "(e.g. AWS_ENDPOINT_URL), or drop them."
             )
-        _refuse_remote(path)
         step = int(checkpoint.get("global_step", 0))
-        epoch = self._expected_epoch.pop(os.path.normpath(os.fspath(path)), _epoch_of(checkpoint))
+        expected = self._expected.pop(_path_key(path), None)
+        epoch, metrics = expected if expected is not None else (_epoch_of(checkpoint), {})
         committed = parse_committed_path(path)
         if committed is None:
-            save_torch_file(checkpoint, path, step=step, epoch=epoch)
+            save_torch_file(checkpoint, path, step=step, epoch=epoch, metrics=metrics)
             return
         run_dir, step, name = committed
-        run = self._runs.get(_run_key(run_dir))
+        run = self._runs.get(run_key(run_dir))
         if run is not None:
-            run.save(step, {name: checkpoint}, epoch=epoch, capture_rng=False)  # RNG is in Lightning's dict
+            # RNG is in Lightning's dict
+            run.save(step, {name: checkpoint}, epoch=epoch, capture_rng=False, metrics=metrics)
+            manager = run.manager
         else:
-            self.run_manager(run_dir).save(step, {name: checkpoint}, epoch=epoch, capture_rng=False)
+            manager = self.run_manager(run_dir)
+            manager.save(step, {name: checkpoint}, epoch=epoch, metrics=metrics or None, capture_rng=False)
+        if expected is None:
+            manager.wait()  # a save the library did not schedule: complete when it returns, as TorchCheckpointIO
 
     def load_checkpoint(
         self, path: Any, map_location: Any | None = None, weights_only: bool | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         # Lightning 2.5 passes (path, map_location); 2.6 adds weights_only. Either way only tensors and plain values
         # are loaded (loading never executes code from a checkpoint), so weights_only=False is not honoured.
-        _refuse_remote(path)
         committed = parse_committed_path(path)
-        if committed is not None and (committed[0] / layout.checkpoint_name(committed[1]) / layout.MANIFEST_NAME).is_file():
-            loaded = self._load_committed(*committed, map_location=map_location)
+        manager = self.run_manager(committed[0]) if committed is not None else None
+        if committed is not None and manager is not None and self._is_committed(manager, committed[1]):
+            loaded = self._load_committed(manager, *committed, map_location=map_location)
         else:
             loaded = load_torch_file(path, verify=self.args.verify_on_load, map_location=map_location)
         if not isinstance(loaded, dict):
@@ -164,25 +218,20 @@ class CheckpointIOLogic:
 
     # ---------------------------------------------------------------- internals
 
-    def _load_committed(self, run_dir: Path, step: int, name: str, *, map_location: Any) -> Any:
-        manager = self.run_manager(run_dir)
+    @staticmethod
+    def _is_committed(manager: CheckpointManager, step: int) -> bool:
         manager.wait()  # the checkpoint may still be in this process's write queue
-        folder = run_dir / layout.checkpoint_name(step)
-        meta = manager.load(folder, {name: None}, restore_rng=False, map_location=map_location)
+        return manager.store.read_manifest(layout.checkpoint_name(step)) is not None
+
+    def _load_committed(self, manager: CheckpointManager, run_dir: str, step: int, name: str, *,
+                        map_location: Any) -> Any:
+        meta = manager.load(step, {name: None}, restore_rng=False, map_location=map_location)
         return meta["state"][name]
 
 
-def _run_key(output_dir: str | os.PathLike[str]) -> Path:
-    return Path(output_dir).resolve()
-
-
-def _refuse_remote(path: Any) -> None:
-    if "://" in os.fspath(path) and not os.fspath(path).startswith("file://"):
-        raise CheckpointError(
-            f"{path}: CheckpointIOPlugin writes and reads local paths only. Use a local output_dir (and sync it), "
-            "or Lightning's own TorchCheckpointIO for remote single files.",
-            path=os.fspath(path),
-        )
+def _path_key(path: str | os.PathLike[str]) -> str:
+    text = os.fspath(path)
+    return text if is_url(text) else os.path.normpath(text)
 
 
 def _epoch_of(checkpoint: dict[str, Any]) -> float | None:

@@ -5,7 +5,7 @@ requires; the `lightning.pytorch` ones are different classes)."""
 from __future__ import annotations
 
 try:
-    from pytorch_lightning.callbacks import OnExceptionCheckpoint
+    from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.plugins.io import CheckpointIO
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -13,15 +13,18 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "With `import lightning.pytorch`, use ckpt_callbacks.lightning instead."
     ) from exc
 
+from ckpt_callbacks.lightning.arguments import with_flag_parameters
 from ckpt_callbacks.lightning.callback import CheckpointCallbackLogic
 from ckpt_callbacks.lightning.plugin import CheckpointIOLogic
 
 
+@with_flag_parameters
 class CheckpointIOPlugin(CheckpointIOLogic, CheckpointIO):
     __doc__ = CheckpointIOLogic.__doc__
 
 
-class CheckpointCallback(CheckpointCallbackLogic, OnExceptionCheckpoint):
+@with_flag_parameters
+class CheckpointCallback(CheckpointCallbackLogic, ModelCheckpoint):
     __doc__ = CheckpointCallbackLogic.__doc__
 
 

@@ -80,5 +80,5 @@ def test_load_best_model_at_end_restores_and_exports_the_best_weights(ns: Namesp
 
 def test_best_strategy_saves_only_on_improvement(ns: Namespace, tmp_path: Path) -> None:
     fit_epochs(ns, tmp_path, save_strategy="best")
-    # new bests at epochs 0 and 1 only; the forced final save adds the last step
-    assert checkpoint_steps(tmp_path / "checkpoints") == [10, 20, 50]
+    # new bests at epochs 0 and 1 only; as with ModelCheckpoint(monitor=..., save_top_k=1), no extra save at the end
+    assert checkpoint_steps(tmp_path / "checkpoints") == [10, 20]

@@ -205,11 +205,17 @@ def test_corrupt_newest_checkpoint_fails_resume_unless_fallback_is_allowed(ns: N
     assert start.start_step == 5 and trainer.global_step == 20
 
 
-def test_fit_without_ckpt_path_resumes_from_the_newest_checkpoint(ns: Namespace, tmp_path: Path) -> None:
-    # Lightning turns ckpt_path=None into "last" when an OnExceptionCheckpoint (our base class) is present.
+def test_fit_without_ckpt_path_starts_fresh_and_last_resumes(ns: Namespace, tmp_path: Path) -> None:
+    # ckpt_path=None means what it means with ModelCheckpoint: no resume; ckpt_path="last" takes the newest.
     fit_ours(ns, tmp_path, max_epochs=1, save_steps=5)
+    fresh = weight_recorder(ns)
+    trainer, _ = fit_ours(ns, tmp_path / "fresh", callbacks=[fresh], max_epochs=1, save_steps=5)
+    assert fresh.start_step == 0 and trainer.global_step == 10
     start = weight_recorder(ns)
-    trainer, _ = fit_ours(ns, tmp_path, callbacks=[start], max_epochs=2, save_steps=5)
+    seed_everything(0)
+    plugin, callback = ns.ours(tmp_path, save_steps=5)
+    trainer = ns.trainer(tmp_path, callbacks=[callback, start], plugins=[plugin], max_epochs=2)
+    trainer.fit(ns.Tiny(), train_loader(), val_loader(), ckpt_path="last")
     assert start.start_step == 10 and trainer.global_step == 20
 
 
@@ -219,11 +225,11 @@ def test_output_dir_defaults_to_default_root_dir_and_last_resolves_before_setup(
     monkeypatch.chdir(tmp_path)  # the working directory is not the Trainer's root
     root = tmp_path / "root"
 
-    def run(ckpt_path: str | None, recorder: Any) -> Any:
+    def run(ckpt_path: str | None, recorder: Any, max_epochs: int = 1) -> Any:
         seed_everything(0)
         callback = ns.adapter.CheckpointCallback(save_steps=5, export_at_end=False)
         trainer = ns.trainer(root, callbacks=[callback, recorder], plugins=[ns.adapter.CheckpointIOPlugin()],
-                             max_epochs=1)
+                             max_epochs=max_epochs)
         trainer.fit(ns.Tiny(), train_loader(), val_loader(), ckpt_path=ckpt_path)
         return callback
 
@@ -231,5 +237,5 @@ def test_output_dir_defaults_to_default_root_dir_and_last_resolves_before_setup(
     assert callback.output_dir == root / "checkpoints"
     assert sorted(p.name for p in (root / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
     resumed = weight_recorder(ns)
-    run("last", resumed)  # a fresh callback answers ckpt_path before its setup: from the Trainer's root
+    run("last", resumed, max_epochs=2)  # a fresh callback answers ckpt_path before its setup: from the Trainer's root
     assert resumed.start_step == 10

@@ -27,7 +27,7 @@ __all__ = [
     "HF_TORCH_FILES", "HF_TRAINER_STATE_FILE", "HF_TRAINING_ARGS_FILE", "LEGACY_MODEL_FILE",
     "LIGHTNING_CHECKPOINT_FILE", "LOCK_NAME", "MANIFEST_NAME", "STAGING_PREFIX", "TRASH_PREFIX", "UPLOAD_MARKER",
     "checkpoint_name", "hf_rng_file", "is_leftover", "is_stale_leftover", "parse_checkpoint_step",
-    "staging_file_name", "staging_name", "staging_name_for", "trash_name",
+    "parse_run_folder_version", "run_folder_version", "staging_file_name", "staging_name", "staging_name_for", "trash_name",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint"
@@ -103,6 +103,18 @@ def staging_file_name() -> str:
         '.staging-node7-4242-1a2b3c4d'
     """
     return f"{STAGING_PREFIX}{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def run_folder_version(name: str, version: int) -> str:
+    """The folder beside run folder `name` that a new run from scratch takes when `name` holds an earlier run's
+    checkpoints (`ModelCheckpoint`'s `-v{N}` file names, for folders): 'checkpoints' -> 'checkpoints-v1'."""
+    return f"{name}-v{version}"
+
+
+def parse_run_folder_version(name: str, candidate: str) -> int | None:
+    """N when `candidate` is `run_folder_version(name, N)`, else None."""
+    match = re.fullmatch(rf"{re.escape(name)}-v(\d+)", candidate)
+    return int(match.group(1)) if match else None
 
 
 def trash_name(name: str) -> str:

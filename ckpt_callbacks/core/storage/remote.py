@@ -35,8 +35,16 @@ class FsspecStore(CheckpointStore):
         self.fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
         self.base = path.rstrip("/")
         self.root = url.rstrip("/")
-        # A folder of our own, even inside a cache_dir the user gives: everything in it is ours to replace.
-        self._cache = Path(tempfile.mkdtemp(prefix="ckpt_callbacks-cache-", dir=cache_dir))
+        self._cache_dir = cache_dir
+        self._cache_folder: Path | None = None
+
+    @property
+    def _cache(self) -> Path:
+        """A local folder of our own (even inside a cache_dir the user gives: everything in it is ours to
+        replace), made when first needed: listing and reading manifests need none."""
+        if self._cache_folder is None:
+            self._cache_folder = Path(tempfile.mkdtemp(prefix="ckpt_callbacks-cache-", dir=self._cache_dir))
+        return self._cache_folder
 
     def _remote(self, *parts: str) -> str:
         return "/".join((self.base, *parts))
@@ -143,6 +151,7 @@ class FsspecStore(CheckpointStore):
             if self.fs.exists(self._remote(name, layout.UPLOAD_MARKER)):
                 self.fs.rm(self._remote(name), recursive=True)
                 removed.append(name)
-        for leftover in (p for p in self._cache.iterdir() if layout.is_leftover(p.name)):
+        cached = self._cache.iterdir() if self._cache_folder is not None else iter(())
+        for leftover in (p for p in cached if layout.is_leftover(p.name)):
             remove_tree_quietly(leftover)
         return removed

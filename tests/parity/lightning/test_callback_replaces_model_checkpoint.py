@@ -395,3 +395,190 @@ def test_memory_filesystem_output_dir(ns: Namespace, tmp_path: Path, monkeypatch
     assert saved_steps(stock) == [5, 10, 15, 20] and stock.fits[1].start_step == 15
     assert sorted(p.name for p in workdir.iterdir()) == [], "a URL was written as a local path"
     assert_callback_parity(stock, ours, best=False)
+
+
+# --------------------------------------------------------------------------- what a ModelCheckpoint user reads
+
+
+def test_trainer_sees_a_model_checkpoint(ns: Namespace, tmp_path: Path) -> None:
+    """`trainer.checkpoint_callback` is the callback and it is a `ModelCheckpoint` (code that looks for one finds it);
+    two callbacks with different schedules keep their states apart, as two ModelCheckpoints do."""
+    plugin = ns.adapter.CheckpointIOPlugin()
+    first = ns.adapter.CheckpointCallback(output_dir=str(tmp_path / "a"), save_steps=5, export_at_end=False)
+    second = ns.adapter.CheckpointCallback(output_dir=str(tmp_path / "b"), save_strategy="epoch", export_at_end=False)
+    trainer = ns.pl.Trainer(default_root_dir=str(tmp_path), accelerator="cpu", devices=1, logger=False,
+                            callbacks=[first, second], plugins=[plugin], max_epochs=1, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0)
+    assert trainer.checkpoint_callback is first
+    assert isinstance(first, ns.callback_class("ModelCheckpoint"))
+    assert first.state_key != second.state_key
+    from tests.parity.lightning.differential import net_class, train_loader, val_loader
+
+    trainer.fit(net_class(ns.name)(), train_loader(), val_loader())
+    steps = {name: sorted(p.name for p in (tmp_path / name).iterdir()) for name in ("a", "b")}
+    assert steps == {"a": ["checkpoint-10", "checkpoint-5"], "b": ["checkpoint-10"]}
+    checkpoint = torch.load(tmp_path / "a" / "checkpoint-10" / "checkpoint.ckpt", weights_only=True)
+    assert {first.state_key, second.state_key} <= set(checkpoint["callbacks"])
+
+
+def test_best_k_models_hold_the_same_steps_and_scores(ns: Namespace, tmp_path: Path) -> None:
+    """`best_k_models`, `kth_best_model_path`, `kth_value`, `current_score` (what loggers and user code read):
+    the same steps and scores as ModelCheckpoint's top k."""
+
+    def scenario(run: Run) -> None:
+        checkpoint = run.checkpointing(
+            {"monitor": "val_loss", "mode": "min", "save_top_k": 2},
+            {"save_strategy": "epoch", "metric_for_best_model": "val_loss", "save_best_limit": 2,
+             "save_total_limit": 1})
+        run.fit(run.trainer([checkpoint], max_epochs=5), run.module(val_losses=(3, 1, 2, 0.5, 4)))
+        run.extra["best_k"] = {_step(run, path): float(score) for path, score in checkpoint.best_k_models.items()}
+        run.extra["kth"] = (_step(run, checkpoint.kth_best_model_path), float(checkpoint.kth_value))
+        run.extra["current_score"] = float(checkpoint.current_score)
+
+    stock, ours = stock_and_ours(ns, tmp_path, scenario)
+    assert stock.extra["best_k"] == {20: 1.0, 40: 0.5}
+    for name in ("best_k", "kth"):
+        assert ours.extra[name] == stock.extra[name], name
+    # stock: the score of its last top-k save (epoch 3); ours: of the newest checkpoint (epoch 4, kept as newest)
+    assert stock.extra["current_score"] == 0.5 and ours.extra["current_score"] == 4.0
+
+
+def _step(run: Run, path: str) -> int:
+    return int(torch.load(path, weights_only=True)["global_step"])
+
+
+def test_a_metric_logged_in_training_ranks_checkpoints(ns: Namespace, tmp_path: Path) -> None:
+    """ModelCheckpoint ranks by whatever is logged when it saves, training metrics and `step` included."""
+
+    def scenario(run: Run) -> None:
+        checkpoint = run.checkpointing({"monitor": "step", "mode": "max", "every_n_train_steps": 4, "save_top_k": 2,
+                                        "save_last": True},
+                                       {"save_steps": 4, "metric_for_best_model": "step", "greater_is_better": True,
+                                        "save_best_limit": 2, "save_total_limit": 1})
+        run.fit(run.trainer([checkpoint], max_epochs=2, limit_val_batches=0), run.module())
+
+    stock, ours = stock_and_ours(ns, tmp_path, scenario)
+    assert saved_steps(stock) == [16, 20]
+    assert_callback_parity(stock, ours)
+
+
+def test_a_nan_metric_is_the_worst_not_missing(ns: Namespace, tmp_path: Path) -> None:
+    """ModelCheckpoint ranks a NaN as the worst value; the callback raised "metric not found" for it."""
+
+    def scenario(run: Run) -> None:
+        checkpoint = run.checkpointing({"monitor": "val_loss", "mode": "min", "save_top_k": -1, "save_last": True},
+                                       {"save_strategy": "epoch", "metric_for_best_model": "val_loss"})
+        run.fit(run.trainer([checkpoint], max_epochs=3), run.module(val_losses=(float("nan"), 2, 1)))
+        run.extra["scores"] = sorted(float(v) for v in checkpoint.best_k_models.values())
+
+    stock, ours = stock_and_ours(ns, tmp_path, scenario)
+    assert stock.extra["scores"] == [1.0, 2.0, float("inf")]
+    assert ours.extra["scores"] == stock.extra["scores"]
+    assert_callback_parity(stock, ours)
+
+
+def test_loggers_hear_of_each_checkpoint_once_it_exists(ns: Namespace, tmp_path: Path) -> None:
+    """`logger.after_save_checkpoint(callback)` per save, as ModelCheckpoint calls it (WandB/MLflow loggers upload
+    `last_model_path`/`best_k_models` from there); with the asynchronous callback, once the file exists."""
+
+    def scenario(run: Run) -> None:
+        calls: list[tuple[int, bool]] = []
+
+        class Recording(run.ns.pl.loggers.CSVLogger):  # type: ignore[name-defined,misc]
+            def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+                path = checkpoint_callback.best_model_path  # without a monitor: the newest checkpoint
+                calls.append((_step(run, path), Path(path).is_file()))
+
+        checkpoint = run.checkpointing({"every_n_train_steps": 5, "save_top_k": -1, "save_last": True},
+                                       {"save_steps": 5})
+        logger = Recording(str(run.root), name="logs")
+        run.fit(run.trainer([checkpoint], max_epochs=2, logger=logger), run.module())
+        run.extra["calls"] = calls
+
+    stock, ours = stock_and_ours(ns, tmp_path, scenario)
+    # stock: once for each top-k file and once for each last.ckpt copy, each written when it is told
+    assert stock.extra["calls"] == [(5, True), (5, True), (10, True), (10, True), (15, True), (15, True), (20, True),
+                                    (20, True)]
+    # ours: once per checkpoint, once it is complete (the newest complete one is named, maybe a later one)
+    steps = [step for step, _ in ours.extra["calls"]]
+    assert len(steps) == 4 and all(exists for _, exists in ours.extra["calls"]), ours.extra["calls"]
+    assert steps == sorted(steps) and steps[-1] == 20 and all(step >= (i + 1) * 5 for i, step in enumerate(steps))
+
+
+def test_a_run_from_scratch_keeps_an_earlier_runs_checkpoints(ns: Namespace, tmp_path: Path) -> None:
+    """Issue 15, defect 3 (the folder): a new run with `ckpt_path=None` in a folder of an earlier run trains from
+    scratch and keeps the earlier run's checkpoints, as ModelCheckpoint does with `-v1` names; ours writes to
+    `{output_dir}-v1` (docs/migration.md). "last" then finds the newest of both."""
+
+    def scenario(run: Run) -> None:
+        def checkpoint() -> Any:
+            return run.checkpointing({"every_n_train_steps": 5, "save_top_k": -1, "save_last": True},
+                                     {"save_steps": 5})
+
+        run.fit(run.trainer([checkpoint()], max_epochs=2), run.module(seed=0))
+        run.fit(run.trainer([checkpoint()], max_epochs=1), run.module(seed=1))
+        third = run.trainer([checkpoint()], max_epochs=2)
+        run.fit(third, run.module(seed=2), ckpt_path="last")
+
+    stock, ours = stock_and_ours(ns, tmp_path, scenario)
+    assert [fit.start_step for fit in stock.fits] == [0, 0, 10]
+    assert "checkpoints/epoch=0-step=5-v1.ckpt" in stock.files
+    assert {"checkpoints/checkpoint-20/checkpoint.ckpt", "checkpoints-v1/checkpoint-10/checkpoint.ckpt"} <= set(ours.files)
+    assert_callback_parity(stock, ours, contents=False)
+    # the first run's checkpoints are intact: the same as stock's
+    first = stock.checkpoint("checkpoints/epoch=1-step=20.ckpt")
+    assert_same(first["state_dict"], ours.checkpoint("checkpoints/checkpoint-20/checkpoint.ckpt")["state_dict"],
+                "the first run's step-20 weights")
+
+
+def test_ratio_save_steps_with_manual_optimization_counts_optimizer_steps(ns: Namespace, tmp_path: Path) -> None:
+    """Issue 15, defect 5 (ratios): two optimizers step twice per batch; a fifth of the run is 12 of its 60
+    optimizer steps, not 6 (a fifth of its 30 batches)."""
+
+    def scenario(run: Run) -> None:
+        checkpoint = run.checkpointing({"every_n_train_steps": 12, "save_top_k": -1, "save_last": True},
+                                       {"save_steps": 0.2})
+        run.fit(run.trainer([checkpoint], max_epochs=3), run.module(manual=True))
+
+    stock, ours = stock_and_ours(ns, tmp_path, scenario)
+    assert saved_steps(stock) == [12, 24, 36, 48, 60]
+    assert_callback_parity(stock, ours, best=False)
+
+
+def test_home_in_output_dir_is_expanded(ns: Namespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ModelCheckpoint(dirpath="~/..."), not a folder literally named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    callback = ns.adapter.CheckpointCallback(output_dir="~/runs/a")
+    stock = ns.callback_class("ModelCheckpoint")(dirpath="~/runs/a")
+    assert callback.dirpath == stock.dirpath == str(tmp_path / "home" / "runs" / "a")
+    assert callback.output_dir == tmp_path / "home" / "runs" / "a"
+
+
+def test_s3_output_dir_on_a_local_moto_server(lightning_ns: Namespace, tmp_path: Path, bucket: str) -> None:
+    """Issue 15, defect 9: run folders on S3 (moto's server on 127.0.0.1), committed manifest-last; resume from a
+    path, and with ckpt_path="last" (stock finds no "last" on a remote dirpath: ours does)."""
+    base = f"s3://{bucket}"
+
+    def scenario(run: Run) -> None:
+        url = f"{base}/{run.flavor}/checkpoints"
+
+        def checkpoint() -> Any:
+            return (run.callback(output_dir=url, save_steps=5) if run.ours
+                    else run.model_checkpoint(dirpath=url, every_n_train_steps=5, save_top_k=-1, save_last=True))
+
+        run.fit(run.trainer([checkpoint()], max_epochs=2), run.module())
+        resume = f"{url}/checkpoint-20/checkpoint.ckpt" if run.ours else f"{url}/epoch=1-step=20.ckpt"
+        run.fit(run.trainer([checkpoint()], max_epochs=3), run.module(), ckpt_path=resume)
+        if run.ours:  # observed apart: it saves nothing, and is not part of the comparison
+            last = run.fit(run.trainer([run.callback(output_dir=url, save_strategy="no")], max_epochs=4),
+                           run.module(), ckpt_path="last")
+            run.extra["last"] = (last.start_step, repr(last.error))
+            run.fits.pop()
+            run.trainers.pop()
+
+    stock, ours = stock_and_ours(lightning_ns, tmp_path, scenario,
+                                 locations=lambda run: [f"{base}/{run.flavor}/checkpoints"])
+    assert saved_steps(stock) == [5, 10, 15, 20, 25, 30] and stock.fits[1].start_step == 20
+    assert ours.extra["last"] == (30, "None")
+    assert_callback_parity(stock, ours, best=False, attributes=False)

@@ -205,6 +205,9 @@ def test_missing_checkpoint_raises_file_not_found_error(ns: Namespace, tmp_path:
     from ckpt_callbacks import CheckpointError
 
     assert isinstance(plugin.fits[0].error, CheckpointError)
+    # code (Lightning's own tests among it) matches TorchCheckpointIO's words
+    assert str(stock.fits[0].error).startswith("Checkpoint file not found: ")
+    assert str(stock.fits[0].error) in str(plugin.fits[0].error).replace(str(plugin.root), str(stock.root))
     assert_plugin_parity(stock, plugin)
 
 
@@ -235,6 +238,42 @@ def test_hpc_checkpoints_get_increasing_numbers_and_slurm_auto_resumes_from_the_
     stock, _ = plugin_parity(ns, tmp_path, scenario)
     assert sorted(stock.files) == sorted(f"hpc_ckpt_{n}.ckpt" for n in range(1, 21))
     assert stock.fits[1].start_step == 20
+
+
+KILLED_WRITE = """
+import resource, signal, sys
+import torch
+from ckpt_callbacks.lightning import CheckpointIOPlugin
+plugin = CheckpointIOPlugin(async_save=False)
+checkpoint = {"state_dict": {"w": torch.zeros(2**20)}, "global_step": 3}
+resource.setrlimit(resource.RLIMIT_FSIZE, (2**16, 2**16))  # the kernel kills the writer in the middle of its write
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+plugin.save_checkpoint(checkpoint, sys.argv[1])
+"""
+
+
+def test_hpc_numbering_is_not_poisoned_by_a_killed_write(ns: Namespace, tmp_path: Path) -> None:
+    """Issue 15, defect 2 (hpc_ckpt_N): Lightning numbers `hpc_ckpt_{N}` by the digits of every name in the folder
+    that contains "ckpt_". A write killed mid-way leaves its hidden staging file; named after its target (with a
+    host, a pid and a random part) it made the next number huge."""
+    import signal
+    import subprocess
+    import sys
+
+    hpc_save_path = ns.pl.trainer.connectors.checkpoint_connector._CheckpointConnector.hpc_save_path
+    plugin = ns.adapter.CheckpointIOPlugin()
+    for number in (1, 2):
+        plugin.save_checkpoint({"state_dict": {}, "global_step": number}, hpc_save_path(tmp_path))
+    assert hpc_save_path(tmp_path) == str(tmp_path / "hpc_ckpt_3.ckpt")
+    repo = Path(__file__).resolve().parents[3]
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(tmp_path / "hpc_ckpt_3.ckpt")], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, capture_output=True, timeout=120)
+    assert killed.returncode == -signal.SIGXFSZ, killed.stderr[-2000:]
+    leftovers = [name for name in os.listdir(tmp_path) if name.startswith(".")]
+    assert leftovers, "the killed write left nothing behind (nothing to check)"
+    assert hpc_save_path(tmp_path) == str(tmp_path / "hpc_ckpt_3.ckpt"), leftovers
+    plugin.save_checkpoint({"state_dict": {}, "global_step": 3}, hpc_save_path(tmp_path))  # the next writer cleans up
+    assert sorted(os.listdir(tmp_path)) == ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt", "hpc_ckpt_3.ckpt"]
 
 
 # --------------------------------------------------------------------------- files in dirpath
