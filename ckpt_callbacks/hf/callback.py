@@ -140,6 +140,7 @@ class CheckpointCallback(TrainerCallback):
             return
         if self.trainer is not None:
             raise ValueError("This CheckpointCallback already serves another Trainer: create one callback per Trainer.")
+        trainer_hooks.check_versions()
         _check_supported(trainer)
         self.args = resolve_arguments(trainer.args, self._overrides)
         check_schedule_conflict(self.args, trainer.args)
@@ -148,6 +149,7 @@ class CheckpointCallback(TrainerCallback):
         trainer_hooks.shadow_save_checkpoint(trainer, self._save_checkpoint)
         trainer_hooks.wrap_train(trainer, self._resume_checkpoint, self._on_train_failure)
         trainer_hooks.wrap_evaluate(trainer, self._evaluate_in_training)
+        trainer_hooks.keep_epoch_when_skipping_batches()
         self._reads_ahead = trainer_hooks.loads_optimizer_like_stock(trainer)
         if self._reads_ahead:
             trainer_hooks.shadow_load_optimizer_and_scheduler(trainer, self._read_ahead.take)

@@ -25,6 +25,7 @@ from transformers.trainer_callback import ExportableState
 
 from ckpt_callbacks.core.format.engines.hf_engine import ADAPTER_PIECE
 from ckpt_callbacks.core.format.safetensors_io import view_key
+from ckpt_callbacks.hf import trainer_hooks
 
 try:  # PEFT models are saved as their adapters, as the stock Trainer saves them
     from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
@@ -192,7 +193,7 @@ def pretrained_objects(model: torch.nn.Module, processing_class: Any, *, export:
     elif isinstance(model, PreTrainedModel):
         # Copies: the write may happen in the background, and save_pretrained edits the live config.
         config = copy.deepcopy(model.config)
-        config.dtype = str(model.dtype).split(".")[1]
+        trainer_hooks.set_config_dtype(config, str(model.dtype).split(".")[1])
         config.architectures = [type(model).__name__.removeprefix("FSDP")]
         objects.append(config)
         if model.can_generate() and model.generation_config is not None:

@@ -10,6 +10,9 @@ resume starts from before the stock loader reads it, and to flush pending
 background writes when training raises (`on_train_end` does not fire then), and (4) shadows
 `_load_optimizer_and_scheduler`, to hand the stock resume optimizer and scheduler states read ahead
 (the Trainer still decides whether and when to load them).
+
+The differences between the supported transformers and accelerate versions are handled here too, each
+detected by feature where possible (see "Version differences" below).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import functools
 import sys
 import warnings
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from packaging.version import Version
 from transformers import Trainer
 from transformers.trainer_pt_utils import reissue_pt_warnings
 from transformers.utils import is_sagemaker_mp_enabled, is_torch_xla_available
@@ -129,3 +134,84 @@ def any_rank_agreement(trainer: Any) -> Callable[[tuple[bool, ...]], tuple[bool,
         return tuple(bool(vote) for vote in votes.tolist())
 
     return agree
+
+
+# ---------------------------------------------------------------------------------------------- version differences
+
+MIN_VERSIONS = {"transformers": "4.50.0", "accelerate": "1.3.0"}
+"""The oldest releases the adapter runs with: transformers < 4.50 has no `TrainerState.best_global_step` and
+(< 4.47) passes `metrics=` to `_save_checkpoint`, which then decides the best checkpoint itself; accelerate < 1.3
+has no `unwrap_model(keep_torch_compile=)`."""
+
+
+def installed_version(package: str) -> Version | None:
+    try:
+        return Version(version(package))
+    except PackageNotFoundError:
+        return None
+
+
+def check_versions() -> None:
+    """Raise at attach when transformers or accelerate is older than the adapter supports, naming both versions."""
+    for package, minimum in MIN_VERSIONS.items():
+        installed = installed_version(package)
+        if installed is not None and installed < Version(minimum):
+            raise RuntimeError(
+                f"ckpt_callbacks.hf needs {package}>={minimum}; {package} {installed} is installed. "
+                f"Upgrade it (pip install '{package}>={minimum}') or remove the callback to use the stock checkpointing."
+            )
+
+
+def set_config_dtype(config: Any, dtype: str) -> None:
+    """Record the weights' dtype in a config as the installed `save_pretrained` does: transformers >= 4.56 writes
+    `dtype` (its `torch_dtype` became a deprecated property aliasing it), older versions write `torch_dtype`."""
+    if isinstance(getattr(type(config), "torch_dtype", None), property):
+        config.dtype = dtype
+    else:
+        config.torch_dtype = dtype
+    if hasattr(config, "_attn_implementation_autoset"):
+        # transformers <= 4.51 writes this flag into config.json, and save_pretrained resets it (4.52+ never writes
+        # it, 4.56+ has none): a checkpoint saying True would make from_pretrained keep another attention.
+        config._attn_implementation_autoset = False
+
+
+def keep_epoch_when_skipping_batches() -> None:
+    """Make a stock mid-epoch resume draw the epoch's own shuffle with accelerate < 1.15 (idempotent).
+
+    On resume the Trainer replaces the epoch's DataLoader with `accelerate.skip_first_batches(...)`, a new
+    loader whose epoch counter starts at 0; accelerate 1.15 copies it from the original. Before that, the resumed
+    epoch is reshuffled with another epoch's seed: with accelerate 1.7-1.14 under transformers 4.x (the new loader
+    resets the shared sampler to epoch 0), and with accelerate < 1.7 under transformers 5.x (which sets the epoch on
+    the new loader only, whose `set_epoch` does not reach that sampler yet). The stock resume then trains on other
+    batches than the uninterrupted run. The Trainer looks `skip_first_batches` up in its module, so the fix wraps
+    it there: the new loader gets the original's epoch, and its `set_epoch` also reaches the sampler, as in 1.15.
+    """
+    accelerate_version = installed_version("accelerate")
+    if accelerate_version is None or accelerate_version >= Version("1.15.0"):
+        return
+    import transformers.trainer as trainer_module
+
+    stock = getattr(trainer_module, "skip_first_batches", None)
+    if stock is None or getattr(stock, "_ckpt_keeps_epoch", False):
+        return
+
+    @functools.wraps(stock)
+    def skip_first_batches(dataloader: Any, num_batches: int = 0) -> Any:
+        skipped = stock(dataloader, num_batches)
+        if skipped is dataloader or not hasattr(skipped, "iteration") or not hasattr(dataloader, "iteration"):
+            return skipped
+        skipped.iteration = dataloader.iteration
+        stock_set_epoch = getattr(skipped, "set_epoch", None)
+        if stock_set_epoch is not None:
+            def set_epoch(epoch: int) -> None:
+                stock_set_epoch(epoch)
+                batch_sampler = getattr(getattr(skipped, "batch_sampler", None), "batch_sampler", None)
+                sampler_set_epoch = getattr(getattr(batch_sampler, "sampler", None), "set_epoch", None)
+                if sampler_set_epoch is not None:
+                    sampler_set_epoch(epoch)
+
+            skipped.set_epoch = set_epoch  # __iter__ calls self.set_epoch(self.iteration): the instance's wins
+        return skipped
+
+    skip_first_batches._ckpt_keeps_epoch = True  # type: ignore[attr-defined]
+    trainer_module.skip_first_batches = skip_first_batches

@@ -346,6 +346,7 @@ class CheckpointCallbackLogic:
     # ------------------------------------------------------------------ Lightning hooks
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        _check_lightning_version(trainer)
         self._trainer = trainer
         if stage != "fit":
             return
@@ -806,11 +807,29 @@ def _silence_misleading_lightning_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
+MIN_LIGHTNING = "2.5.0"  # the loop restart rules (RestartStage) the exact resume mirrors came with 2.5.0
+
+
+def _check_lightning_version(trainer: Any) -> None:
+    """Refuse a Lightning older than the adapter supports, naming the installed version and the minimum."""
+    from packaging.version import Version  # a Lightning dependency
+
+    package = type(trainer).__module__.split(".")[0]  # "lightning" or "pytorch_lightning"
+    installed = getattr(sys.modules.get(package), "__version__", None)
+    if installed is not None and Version(installed) < Version(MIN_LIGHTNING):
+        raise RuntimeError(
+            f"ckpt_callbacks needs {package.replace('_', '-')}>={MIN_LIGHTNING} (its resume is exact only with the loop "
+            f"restart rules of 2.5); {package} {installed} is installed. Upgrade it, or remove CheckpointCallback and "
+            "CheckpointIOPlugin to use Lightning's own checkpointing."
+        )
+
+
 def _new_iterator_follows(trainer: Any) -> bool:
     """Whether Lightning creates a new training iterator after `on_train_epoch_start` (mirrors its own rule in
     `_TrainingEpochLoop.on_run_start`)."""
     fit_loop = trainer.fit_loop
-    return bool(trainer.current_epoch > 0 and not fit_loop.is_resuming and not fit_loop.epoch_loop.restarting)
+    resuming = getattr(fit_loop, "is_resuming", False)  # Lightning < 2.5.3 has none, and its rule no such term
+    return bool(trainer.current_epoch > 0 and not resuming and not fit_loop.epoch_loop.restarting)
 
 
 def _validation_follows(trainer: Any) -> bool:

@@ -239,3 +239,13 @@ def test_output_dir_defaults_to_default_root_dir_and_last_resolves_before_setup(
     resumed = weight_recorder(ns)
     run("last", resumed, max_epochs=2)  # a fresh callback answers ckpt_path before its setup: from the Trainer's root
     assert resumed.start_step == 10
+
+
+def test_fit_refuses_a_lightning_older_than_supported(ns: Namespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    package = ns.name.split(".")[0]
+    monkeypatch.setattr(ns.pl, "__version__", "2.4.0")
+    if package != ns.pl.__name__:
+        monkeypatch.setattr(__import__(package), "__version__", "2.4.0")
+    with pytest.raises(RuntimeError, match=rf"needs {package.replace('_', '-')}>=2\.5\.0.*{package} 2\.4\.0 is installed"):
+        fit_ours(ns, tmp_path, max_epochs=1)
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").glob("checkpoint-*"))
