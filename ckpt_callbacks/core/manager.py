@@ -204,7 +204,7 @@ class CheckpointManager:
         step: int,
         write_files: Callable[[Path], None],
         *,
-        states: Iterable[str],
+        states: Iterable[str] | Callable[[Path], Iterable[str]],
         epoch: float | None = None,
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
@@ -213,7 +213,8 @@ class CheckpointManager:
         every rank (it may be collective, e.g. a DCP save of a sharded model) and writes into the hidden staging
         folder; then, as for every save, the files are fsynced, sealed in a manifest and published atomically as
         `checkpoint-{step}`, and retention runs. Synchronous: the framework writes live state. `states` names what
-        was written (`manifest.states`); the manager's engine is recorded as the one that reads it back.
+        was written (`manifest.states`), or is a function naming it from the staging folder once `write_files`
+        returned (rank 0's answer is sealed); the manager's engine is recorded as the one that reads it back.
 
         Example:
             >>> manager.save_written(40, lambda folder: trainer.save_checkpoint(folder / "checkpoint.ckpt"),
@@ -226,11 +227,13 @@ class CheckpointManager:
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
         self.best_tracker.observe(numeric, step)
         self.policy.record_save(step)
+        named: list[str] = [] if callable(states) else list(states)
+        write = _then_named(write_files, states, named) if callable(states) else write_files
         request = CommitRequest(
             step=step, epoch=epoch, pieces={}, metrics=numeric, metadata=dict(metadata or {}),
             engine_class=self.engine_class, engine_config=self.engine_config, store=self.store,
             collective=self.collective, provenance=self._provenance_once(), expected_size=self._expected_size(),
-            started=started, write_files=write_files, states=tuple(states))
+            started=started, write_files=write, states=named)
         self._saver.run_inline(step, partial(self._commit_and_retain, request), started=started)
 
     def prepare_staging(self, state: Mapping[str, Any], *, name: str | None = None) -> None:
@@ -471,6 +474,16 @@ class CheckpointManager:
                 continue
             deleted.append(step)
         return deleted
+
+
+def _then_named(write_files: Callable[[Path], None], name_states: Callable[[Path], Iterable[str]],
+                named: list[str]) -> Callable[[Path], None]:
+    """`write_files`, then the states it wrote named into `named` (which the commit reads when it seals, after)."""
+    def write_and_name(folder: Path) -> None:
+        write_files(folder)
+        named.extend(name_states(folder))
+
+    return write_and_name
 
 
 def _engine_class(engine: str | type[CheckpointEngine]) -> type[CheckpointEngine]:

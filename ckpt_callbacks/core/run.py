@@ -313,6 +313,17 @@ class RunController:
         if self.manager.last_save is not None:
             self.unreported_saves.append(self.manager.last_save)
 
+    def save_written(self, step: int, write_files: Callable[[Path], None], *,
+                     states: Iterable[str] | Callable[[Path], Iterable[str]], epoch: float | None,
+                     metrics: Mapping[str, Any] | None = None) -> None:
+        """`save` for a checkpoint whose files the framework writes itself (`CheckpointManager.save_written`, on
+        every rank): the same metrics recorded, the same commit, retention and reporting; synchronous."""
+        self.check_metric_logged()
+        recorded = {**_numeric(metrics or {}), **self.metrics_at(step)}
+        self.manager.save_written(step, write_files, states=states, epoch=epoch, metrics=recorded)
+        if self.manager.last_save is not None:
+            self.unreported_saves.append(self.manager.last_save)
+
     def finished_save_stats(self) -> list[SaveStats]:
         """The saves that became durable since the last call, each reported once."""
         finished = [stats for stats in self.unreported_saves if stats.total_seconds is not None]
@@ -392,12 +403,14 @@ class RunController:
     # ------------------------------------------------------------------ resuming
 
     def resume_path(self, requested: str | int | os.PathLike[str], *, accept_foreign: bool = False,
-                    read_ahead: Callable[[str], None] | None = None, verify: str | None = None) -> str:
+                    read_ahead: Callable[[str], None] | None = None, verify: str | None = None,
+                    fallback: bool | None = None) -> str:
         """The folder a resume starts from: `requested` (`catalog.LAST`, `catalog.BEST`, a step or a folder),
         verified (`verify_on_load`), with `fallback_to_verified`'s rule. `read_ahead(path)` is called as soon as a
         candidate is known, before its verification ends (it may read files into new memory, never restore).
         A folder without a manifest is taken unverified when `accept_foreign` (the stock Trainer's own). `verify`
-        overrides `verify_on_load` (e.g. "size" to choose cheaply when the load that follows verifies anyway)."""
+        overrides `verify_on_load` (e.g. "size" to choose cheaply when the load that follows verifies anyway), and
+        `fallback` overrides `fallback_to_verified` (False: exactly `requested`, e.g. the best checkpoint to load)."""
         mode = self.args.verify_on_load if verify is None else verify
 
         def attempt(candidate: ResumeCandidate) -> str:
@@ -413,7 +426,8 @@ class RunController:
                 raise problem
             return candidate.path
 
-        return self.manager.catalog.resume(requested, attempt, fallback=self.args.fallback_to_verified)
+        return self.manager.catalog.resume(requested, attempt,
+                                           fallback=self.args.fallback_to_verified if fallback is None else fallback)
 
     def _problems(self, info: CheckpointInfo, path: str, mode: str) -> list[CheckpointCorruptError]:
         """What is wrong with a checkpoint by `mode`, wherever the run folder is: sizes from the store (an object
@@ -428,17 +442,18 @@ class RunController:
         return list(find_problems(store.local_dir(info.name), info.manifest, mode))
 
     def agreed_resume_path(self, requested: str | int | os.PathLike[str], *, accept_foreign: bool = False,
-                           read_ahead: Callable[[str], None] | None = None) -> str:
+                           read_ahead: Callable[[str], None] | None = None, fallback: bool | None = None) -> str:
         """`resume_path` with several processes (every rank calls it): rank 0 reads and checksums the files once
         and broadcasts its verdict, so every rank resumes from the same checkpoint or raises the same error (none
         is left waiting in training). The other ranks start their read-ahead once the choice is known."""
         collective = self.manager.collective
         if collective.world_size == 1:
-            return self.resume_path(requested, accept_foreign=accept_foreign, read_ahead=read_ahead)
+            return self.resume_path(requested, accept_foreign=accept_foreign, read_ahead=read_ahead, fallback=fallback)
         verdict: tuple[str | None, Exception | None] | None = None
         if collective.rank == 0:
             try:
-                verdict = (self.resume_path(requested, accept_foreign=accept_foreign, read_ahead=read_ahead), None)
+                verdict = (self.resume_path(requested, accept_foreign=accept_foreign, read_ahead=read_ahead,
+                                            fallback=fallback), None)
             except Exception as exc:  # every rank must learn of it, or the others would wait for rank 0 forever
                 verdict = (None, exc)
         resolved, error = collective.broadcast_object(verdict)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -27,7 +28,7 @@ from ckpt_callbacks.core.read.read_ahead import ReadAhead
 from ckpt_callbacks.core.run import ExportSource, RunController
 from ckpt_callbacks.core.save.saver import SaveStats
 from ckpt_callbacks.errors import CheckpointNotFoundError
-from ckpt_callbacks.hf import trainer_hooks
+from ckpt_callbacks.hf import stock_saver, trainer_hooks
 from ckpt_callbacks.hf.arguments import (
     check_flag_names,
     check_load_best_strategies,
@@ -81,8 +82,15 @@ class CheckpointCallback(TrainerCallback):
         (from our files); the callback loads it only when the flag is the callback's alone.
       - `TrainingArguments(save_total_limit=1)`: at the end of training the Trainer deletes every checkpoint
         but the best, as it always does (retention during training is the core's).
-      - DeepSpeed and FSDP are refused (sharded optimizer state); the Ray Tune writer `_tune_save_checkpoint`
-        is not covered.
+      - The Ray Tune writer `_tune_save_checkpoint` is not covered.
+
+    FSDP (accelerate's FSDP1 and FSDP2, sharded or full state dict) and DeepSpeed (ZeRO-1/2/3): their sharded
+    state is written by the stock saver itself, every rank its own files, into the core's hidden staging folder;
+    the core then seals a manifest of every rank's files, publishes the checkpoint atomically and applies
+    retention (`stock_saver.py`). The layout is the stock one, so the stock resume (and DeepSpeed's loader) reads
+    it, after the callback verified it. These saves are synchronous (`async_save` does not apply). What cannot be
+    served is refused at attach, naming it: a remote `output_dir`, another `engine`, `save_on_each_node` on several
+    nodes, and `export_at_end` under ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`.
 
     With `async_save`, a save returns before even the host copy of the weights and optimizer state: the
     copy overlaps the next forward and backward pass, and the callback waits for it in
@@ -96,6 +104,11 @@ class CheckpointCallback(TrainerCallback):
 
     # With async_save: the host copy overlaps the next forward/backward (see the class docstring).
     defer_staging = True
+    # Who writes the files: None (default) the stock saver under FSDP or DeepSpeed (their sharded state), the core's
+    # `hf` engine otherwise; True the stock saver for any Trainer (one process and DDP too: how that path is tested
+    # on CPU); False the engine, refused at attach under FSDP or DeepSpeed. Set it on the class or the instance
+    # before the callback attaches.
+    stock_saver: bool | None = None
 
     def __init__(self, args: CheckpointArguments | None = None, *, trainer: Trainer | None = None,
                  **flags: Any) -> None:
@@ -113,6 +126,7 @@ class CheckpointCallback(TrainerCallback):
         self._reads_ahead = False  # whether the Trainer's optimizer loader takes states read ahead (attach)
         self._in_evaluate = False  # inside the Trainer's `_evaluate`: its merged metrics are reported at its end
         self._stepped = False  # an optimizer step ended in this train() call (evaluations before rank nothing)
+        self._writes_with_stock_saver = False  # decided at attach (`stock_saver`)
         if trainer is not None:
             self.attach(trainer)
 
@@ -141,10 +155,11 @@ class CheckpointCallback(TrainerCallback):
         if self.trainer is not None:
             raise ValueError("This CheckpointCallback already serves another Trainer: create one callback per Trainer.")
         trainer_hooks.check_versions()
-        _check_supported(trainer)
-        self.args = resolve_arguments(trainer.args, self._overrides)
-        check_schedule_conflict(self.args, trainer.args)
-        check_load_best_strategies(self.args, trainer.args)
+        args = resolve_arguments(trainer.args, self._overrides)
+        check_schedule_conflict(args, trainer.args)
+        check_load_best_strategies(args, trainer.args)
+        self._writes_with_stock_saver = _check_writer(trainer, args, self.stock_saver)
+        self.args = args
         self.trainer = trainer
         trainer_hooks.shadow_save_checkpoint(trainer, self._save_checkpoint)
         trainer_hooks.wrap_train(trainer, self._resume_checkpoint, self._on_train_failure)
@@ -241,13 +256,18 @@ class CheckpointCallback(TrainerCallback):
         model = unwrapped_model(self._trainer())
         peft = is_peft_model(model)
         # The stock Trainer loads the best checkpoint itself when its own flag is set.
+        callback_loads_best = self.args.load_best_model_at_end and not args.load_best_model_at_end
         load_best = None
-        if self.args.load_best_model_at_end and not args.load_best_model_at_end:
-            load_best = dict(adapter_targets(model)) if peft else {"model": model}
+        if self._writes_with_stock_saver:
+            state_dict = self._end_with_stock_loader(model, peft, load_best=callback_loads_best)
+        else:
+            if callback_loads_best:
+                load_best = dict(adapter_targets(model)) if peft else {"model": model}
+            state_dict = (lambda: adapter_state_dict(model, DEFAULT_ADAPTER)) if peft else (lambda: model_state_dict(model))
         # A PEFT model is exported as `trainer.save_model(dir)` saves it: its adapters, loadable by
         # PeftModel.from_pretrained and AutoPeftModel*; any other model as its full weights.
         export = ExportSource(
-            state_dict=(lambda: adapter_state_dict(model, DEFAULT_ADAPTER)) if peft else (lambda: model_state_dict(model)),
+            state_dict=state_dict,
             pretrained_objects=pretrained_objects(model, processing_class_of(self._trainer()), export=True),
             weights_name="adapter_model" if peft else "model",
         )
@@ -256,6 +276,29 @@ class CheckpointCallback(TrainerCallback):
             self.run.end(load_best_into=load_best, export=export, is_exporting_rank=args.process_index == 0)
         finally:
             self._finish_run()
+
+    def _end_with_stock_loader(self, model: Any, peft: bool, *, load_best: bool) -> Any:
+        """The end of a run the stock saver wrote, on every rank (FSDP and ZeRO-3 gather collectively): the callback's
+        own `load_best_model_at_end` through the stock loader, from the verified best folder; the whole weights of
+        the export gathered as the stock `save_model` gathers them. Returns the export's weights (for process 0)."""
+        assert self.run is not None and self.args is not None
+        run, trainer = self.run, self._trainer()
+        run.manager.wait()
+        if run.stopped_by_signal:
+            return _no_weights  # run.end skips the export
+        if load_best:
+            best = run.best_checkpoint()
+            if best is None:
+                logger.warning("load_best_model_at_end: no checkpoint has a value of %r; keeping the final weights. "
+                               "Evaluate at the save steps.", run.manager.metric_rule.key)
+            else:
+                stock_saver.load_best_with_stock_loader(trainer, run.agreed_resume_path(best.step, fallback=False))
+        if not (self.args.export_at_end and run.export_dir is not None):
+            return _no_weights
+        full = stock_saver.full_model_state(trainer)
+        if peft:
+            return lambda: adapter_state_dict(model, DEFAULT_ADAPTER, state_dict=full)
+        return lambda: stock_saver.weights_as_saved(model, full)
 
     # ------------------------------------------------------------------ when to save
 
@@ -322,6 +365,12 @@ class CheckpointCallback(TrainerCallback):
             run.framework_best(state.best_global_step, state.best_metric)
         step = state.global_step
         assert self.args is not None
+        if self._writes_with_stock_saver:
+            write = partial(stock_saver.write_checkpoint, trainer, model, trial, collective=run.manager.collective,
+                            training_args=training_args_with(trainer.args, self.args),
+                            best_checkpoint=run.best_checkpoint_path(step))
+            run.save_written(step, write, states=stock_saver.pieces_written, epoch=state.epoch)
+            return
         pieces = checkpoint_pieces(trainer, trial, best_checkpoint=run.best_checkpoint_path(step),
                                    save_only_model=self.args.save_only_model,
                                    training_args=training_args_with(trainer.args, self.args))
@@ -336,7 +385,7 @@ class CheckpointCallback(TrainerCallback):
     def _prepare_staging(self) -> None:
         """After the first optimizer step (the optimizer state exists now), let the manager allocate the host
         buffers of the first async save in the background, so that save does not fault in fresh memory."""
-        if self.run is None or not self.run.policy.saves_during_training:
+        if self.run is None or not self.run.policy.saves_during_training or self._writes_with_stock_saver:
             return
         trainer = self._trainer()
         state = weight_pieces(unwrapped_model(trainer))
@@ -381,12 +430,24 @@ def save_stats_for_log(saves: list[SaveStats]) -> dict[str, float]:
     return logs
 
 
-def _check_supported(trainer: Trainer) -> None:
-    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError(
-            "CheckpointCallback does not support DeepSpeed or FSDP yet (their optimizer state is sharded). "
-            "Remove the callback to use the Trainer's own checkpointing for this run."
-        )
+def _no_weights() -> dict[str, Any]:
+    return {}
+
+
+def _check_writer(trainer: Trainer, args: CheckpointArguments, stock_saver_flag: bool | None) -> bool:
+    """Whether the stock saver writes this run's files (`CheckpointCallback.stock_saver`); refuses what it cannot
+    serve, naming the strategy."""
+    strategy = stock_saver.sharding_of(trainer)
+    if strategy is not None and stock_saver_flag is False:
+        raise ValueError(f"CheckpointCallback.stock_saver=False cannot save {strategy}: only the stock saver writes its "
+                         "sharded state. Leave stock_saver unset (None).")
+    uses_stock_saver = stock_saver_flag if stock_saver_flag is not None else strategy is not None
+    if uses_stock_saver:
+        stock_saver.check_supported(trainer, args, strategy, str(args.output_dir or trainer.args.output_dir))
+        if strategy is not None and args.async_save:
+            logger.info("%s: checkpoints are written synchronously by the stock saver (async_save does not apply).",
+                        strategy)
+    return uses_stock_saver
 
 
 __all__ = ["CheckpointCallback", "save_stats_for_log"]

@@ -95,10 +95,13 @@ def adapter_piece(adapter_name: str) -> str:
     return ADAPTER_PIECE if adapter_name == DEFAULT_ADAPTER else f"{adapter_name}/{ADAPTER_PIECE}"
 
 
-def adapter_state_dict(model: Any, adapter_name: str) -> dict[str, torch.Tensor]:
-    """The tensors of one adapter under the names `adapter_model.safetensors` holds (live tensors)."""
+def adapter_state_dict(model: Any, adapter_name: str,
+                       state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of one adapter under the names `adapter_model.safetensors` holds (live tensors; with
+    `state_dict`, taken from that whole state of the model instead, e.g. one gathered from sharded ranks)."""
     assert get_peft_model_state_dict is not None
-    return dict(get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers="auto"))
+    return dict(get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name,
+                                          save_embedding_layers="auto"))
 
 
 class AdapterWeights:
@@ -171,13 +174,18 @@ def model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     module keeps every key, tied aliases stored as copies: the stock resume loads it with
     `load_state_dict(strict=False)` and then fails on any missing key of a non-`PreTrainedModel`.
     """
-    state = model.state_dict()
+    return saved_state_dict(model, model.state_dict())
+
+
+def saved_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (the model's state dict, or one shaped like it) under the keys `save_pretrained` writes: see
+    `model_state_dict`. Tied weights are found by shared storage, so `state` must alias them as the model does."""
     if not isinstance(model, PreTrainedModel):
         return _with_aliases_copied(state)
     for key in model._keys_to_ignore_on_save or ():
         state.pop(key, None)
     if remove_tied_weights_from_state_dict is not None:
-        # Must see the live tensors: it finds ties by shared storage.
+        # Must see the tensors aliased as in the model: it finds ties by shared storage.
         state = remove_tied_weights_from_state_dict(state, model)
     if revert_weight_conversion is not None:
         state = revert_weight_conversion(model, state)
