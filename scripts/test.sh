@@ -7,3 +7,4 @@ bash scripts/setup.sh
 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"  # the docs site, warnings as errors
 .venv/bin/ruff check .
 .venv/bin/mypy ckpt_callbacks
+.venv/bin/mypy --strict ckpt_callbacks/core  # the core is held to the strict rules

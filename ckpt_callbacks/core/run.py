@@ -379,9 +379,11 @@ class RunController:
         return best
 
     def _best_info(self) -> CheckpointInfo | None:
-        step = self.best_step()
-        if step is None:
+        """The framework's best checkpoint when it tracks one (if it is committed); else the best committed
+        checkpoint by the metric it recorded (an evaluation of weights that were never saved ranks nothing)."""
+        if not self._framework_tracks_best:
             return self.manager.best()
+        step = self.best_step()
         return next((info for info in self.manager.list() if info.step == step), None)
 
     def write_export(self, source: ExportSource) -> Path | None:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -208,7 +208,7 @@ def load_model_weights(directory: Path, map_location: Any = None) -> dict[str, t
         return weights
     legacy = directory / layout.LEGACY_MODEL_FILE
     if legacy.is_file():
-        return load_weights_only(legacy, map_location)
+        return cast(dict[str, torch.Tensor], load_weights_only(legacy, map_location))
     raise CheckpointNotFoundError(
         f"{directory}: no model weights ({layout.HF_MODEL_FILE}, {layout.HF_MODEL_INDEX_FILE} or "
         f"{layout.LEGACY_MODEL_FILE}).", path=str(directory))
