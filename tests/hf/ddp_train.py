@@ -3,9 +3,10 @@ interrupted (an exception on every rank, or a preemption signal to rank 1 only) 
 what it ends with (weights, optimizer state, its RNG state) to ROOT/final-{MODE}-rank{RANK}.pt; a resume that
 fails with a CheckpointError writes the message to ROOT/error-rank{RANK}.txt instead.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.hf.ddp_train ROOT MODE {sync,async}
+    python -m torch.distributed.run --standalone --nproc_per_node 2 -m tests.hf.ddp_train ROOT MODE {sync,async} [stock]
 
-MODE is reference, crash, preempt or resume.
+MODE is reference, crash, preempt or resume. `stock`: the stock saver writes every rank's files into the core's
+staging folder (`CheckpointCallback.stock_saver = True`, the FSDP/DeepSpeed path) instead of the `hf` engine.
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ def rng_states() -> dict[str, Any]:
             "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64))}
 
 
-def main(root: str, mode: str, async_mode: str) -> None:
+def main(root: str, mode: str, async_mode: str, writer: str = "engine") -> None:
     torch.set_num_threads(1)
     args = training_args(Path(root), gradient_accumulation_steps=1, num_train_epochs=2, save_steps=3, save_total_limit=2,
                          ddp_backend="gloo", logging_steps=100)
     seed = 12345 if mode == "resume" else 0
     checkpointing = CheckpointCallback(async_save=async_mode == "async")
+    checkpointing.stock_saver = True if writer == "stock" else None
     interruption: list[TrainerCallback] = {"crash": [CrashAtStep(INTERRUPT_AT)], "preempt": [SignalRankOne(INTERRUPT_AT)]}.get(mode, [])
     trainer = Trainer(model=tiny_gpt2(seed), args=args, train_dataset=TRAIN, data_collator=default_data_collator,
                       callbacks=[SeedPerRank(seed), *interruption, checkpointing])
@@ -84,4 +86,4 @@ def main(root: str, mode: str, async_mode: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

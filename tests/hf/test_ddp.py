@@ -25,16 +25,16 @@ WORLD_SIZE = 2
 RANKS = range(WORLD_SIZE)
 
 
-def torchrun_command(root: Path, mode: str, async_save: bool) -> list[str]:
+def torchrun_command(root: Path, mode: str, async_save: bool, writer: str = "engine") -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}",
-            "-m", "tests.hf.ddp_train", str(root), mode, "async" if async_save else "sync"]
+            "-m", "tests.hf.ddp_train", str(root), mode, "async" if async_save else "sync", writer]
 
 
-def torchrun(root: Path, mode: str, async_save: bool) -> list[dict[str, Any]]:
+def torchrun(root: Path, mode: str, async_save: bool, writer: str = "engine") -> list[dict[str, Any]]:
     """Run tests/hf/ddp_train.py on 2 processes; return what each rank ended with."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(torchrun_command(root, mode, async_save), cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(torchrun_command(root, mode, async_save, writer), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return [torch.load(root / f"final-{mode}-rank{rank}.pt", weights_only=True) for rank in RANKS]
 
@@ -113,3 +113,33 @@ def test_damaged_checkpoint_stops_every_rank_with_the_bad_file_named(
     for rank in RANKS:
         error = (root / f"error-rank{rank}.txt").read_text()
         assert error.startswith("CheckpointCorruptError") and "checkpoint-10/optimizer.pt: checksum mismatch" in error
+
+
+def test_the_stock_saver_path_commits_every_ranks_files_and_resumes_exactly(
+    tmp_path: Path, reference: tuple[Path, list[dict[str, Any]]],
+) -> None:
+    # The path FSDP and DeepSpeed take (the stock saver writes into the core's staging folder, every rank its own
+    # files; the commit is collective), here under DDP on CPU. Its resume must end where the uninterrupted run does.
+    _, expected = reference
+    interrupted = torchrun(tmp_path, "crash", async_save=False, writer="stock")
+    assert [final["global_step"] for final in interrupted] == [7, 7]
+    assert checkpoint_steps(tmp_path) == [3, 6]
+    assert not [name for name in os.listdir(tmp_path) if name.startswith((".staging", ".trash"))]
+    checkpoint = tmp_path / "checkpoint-6"
+    assert sorted(os.listdir(checkpoint)) == [
+        "config.json", "generation_config.json", "manifest.json", "model.safetensors", "optimizer.pt",
+        "rng_state_0.pth", "rng_state_1.pth", "scheduler.pt", "trainer_state.json", "training_args.bin",
+    ]
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["world_size"] == WORLD_SIZE
+    assert {entry["path"] for entry in manifest["files"]} == set(os.listdir(checkpoint)) - {"manifest.json"}
+    assert {"rng_0", "rng_1"} <= set(manifest["states"])
+
+    resumed = torchrun(tmp_path, "resume", async_save=False, writer="stock")
+
+    for rank in RANKS:
+        assert resumed[rank]["global_step"] == 10
+        assert_same_state_dicts(resumed[rank]["weights"], expected[rank]["weights"], f"rank {rank} weights")
+        assert_same_state_dicts(resumed[rank]["optimizer"], expected[rank]["optimizer"], f"rank {rank} optimizer")
+        assert_same_state_dicts(resumed[rank]["rng"], expected[rank]["rng"], f"rank {rank} RNG")
+    assert checkpoint_steps(tmp_path) == [9, 10]
