@@ -134,8 +134,8 @@ def write_checkpoint(trainer: Any, model: Any, trial: Any, staging: Path, *, col
     trainer.state.best_model_checkpoint = best_checkpoint if best_checkpoint is not None else previous_best
     refresh_stateful_callbacks(trainer)
     collective.barrier()  # every rank's files are written
-    if collective.rank == 0:
-        written = staging / layout.checkpoint_name(step)
+    written = staging / layout.checkpoint_name(step)
+    if collective.rank == 0 and written.is_dir():
         trainer_state = written / layout.HF_TRAINER_STATE_FILE
         if trainer_state.is_file():  # the rank that saves the Trainer state wrote it, with the staging path in it
             trainer.state.save_to_json(str(trainer_state))
