@@ -90,7 +90,9 @@ class CheckpointCallback(TrainerCallback):
     retention (`stock_saver.py`). The layout is the stock one, so the stock resume (and DeepSpeed's loader) reads
     it, after the callback verified it. These saves are synchronous (`async_save` does not apply). What cannot be
     served is refused at attach, naming it: a remote `output_dir`, another `engine`, `save_on_each_node` on several
-    nodes, and `export_at_end` under ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`.
+    nodes, and `export_at_end` under ZeRO-3 without `stage3_gather_16bit_weights_on_model_save`. The class
+    attribute `stock_saver` chooses the writer (True sends any Trainer down this path; set it on the class when
+    the callback attaches in its constructor, `trainer=`).
 
     With `async_save`, a save returns before even the host copy of the weights and optimizer state: the
     copy overlaps the next forward and backward pass, and the callback waits for it in

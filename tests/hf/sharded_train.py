@@ -11,7 +11,9 @@ no GPU), with and without the callback, each in its own folder under ROOT:
           by a fresh Trainer (another init seed) with the stock `train(resume_from_checkpoint=True)`;
 - cbbest/ 6 steps, `load_best_model_at_end` given to the callback alone (best at step 3), the export at the end;
 - only/, only-stock/  `save_only_model=True`, with and without the callback (not under FSDP SHARDED_STATE_DICT,
-          which the stock Trainer refuses with it).
+          which the stock Trainer refuses with it);
+- refused/ (nothing is written): what attaching the callback raises for the combinations it cannot serve
+          (ROOT/refusals.pt: case -> message).
 
 Rank 0 writes ROOT/{name}.pt for each run: the whole weights at each save (gathered as the stock `save_model`
 gathers them), at the end, the losses, and `state.best_model_checkpoint`. `reshard` (one process): resume
@@ -39,9 +41,9 @@ SCORES = {3: 3.0, 6: 2.0, 9: 1.0, 10: 1.5}  # the best at step 9
 CALLBACK_BEST_SCORES = {3: 1.0, 6: 2.0}  # the best at step 3
 
 
-def deepspeed_config(stage: int) -> dict[str, Any]:
+def deepspeed_config(stage: int, gather_on_save: bool = True) -> dict[str, Any]:
     return {
-        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_optimization": {"stage": stage, "stage3_gather_16bit_weights_on_model_save": gather_on_save},
         "zero_allow_untested_optimizer": True,  # the Trainer's own AdamW
         "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
         "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
@@ -123,6 +125,33 @@ def run(root: Path, strategy: str, name: str, *, with_callback: bool, callback_f
     AcceleratorState._reset_state()  # the next Trainer of this process builds its own accelerator state
 
 
+def refusals(root: Path, strategy: str) -> dict[str, str]:
+    """What attaching the callback raises for the combinations it cannot serve under `strategy` (no training)."""
+    from accelerate.state import AcceleratorState
+
+    cases: dict[str, tuple[dict[str, Any], dict[str, Any], bool | None]] = {
+        "stock_saver=False": ({}, {}, False),
+    }
+    if strategy.endswith("-sharded"):
+        cases["save_only_model"] = ({}, {"save_only_model": True, "export_at_end": False}, None)
+    if strategy == "zero3":
+        cases["export without gather"] = ({"deepspeed": deepspeed_config(3, gather_on_save=False)}, {}, None)
+    raised = {}
+    for case, (flags, callback_flags, stock_saver) in cases.items():
+        args = training_args(root / "refused", **{"use_cpu": False, "report_to": [], **STRATEGIES[strategy], **flags})
+        callback = CheckpointCallback(**callback_flags)
+        callback.stock_saver = stock_saver
+        try:
+            Trainer(model=tiny_gpt2(), args=args, train_dataset=TRAIN, data_collator=default_data_collator,
+                    callbacks=[callback])
+        except ValueError as exc:
+            raised[case] = str(exc)
+        else:
+            raised[case] = "accepted"
+        AcceleratorState._reset_state()
+    return raised
+
+
 def main(root_arg: str, strategy: str, mode: str = "all") -> None:
     root = Path(root_arg)
     if torch.cuda.is_available():
@@ -135,6 +164,10 @@ def main(root_arg: str, strategy: str, mode: str = "all") -> None:
         run(root, strategy, "reshard", with_callback=True, callback_flags={"export_at_end": False},
             resume=str(root / "reshard" / "checkpoint-9"), max_steps=9)
         return
+    if strategy != "ddp":
+        refused = refusals(root, strategy)
+        if int(os.environ.get("RANK", "0")) == 0:
+            torch.save(refused, root / "refusals.pt")
     run(root, strategy, "stock", with_callback=False, **best_flags)
     run(root, strategy, "ref", with_callback=True, **best_flags)
     run(root, strategy, "run-crash", with_callback=True, crash_at=7, **best_flags)

@@ -160,6 +160,21 @@ def test_save_only_model_writes_what_the_stock_trainer_writes(launched: tuple[st
     assert not [name for name in ours if "optim" in name or name.startswith(("global_step", "rng_state"))]
 
 
+def test_what_cannot_be_served_is_refused_at_attach_naming_it(launched: tuple[str, Path]) -> None:
+    strategy, root = launched
+    if strategy == "ddp":
+        pytest.skip("a plain DDP Trainer has no sharded combination to refuse")
+    refused = result(root, "refusals")
+    name = {"zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}.get(strategy)
+    assert "stock_saver=False cannot save " + (name or "FSDP") in refused["stock_saver=False"]
+    if strategy.endswith("-sharded"):
+        assert refused["save_only_model"] == (
+            "save_only_model option is not compatible with FSDP state dict type 'SHARDED_STATE_DICT'")
+    if strategy == "zero3":
+        assert "stage3_gather_16bit_weights_on_model_save" in refused["export without gather"]
+        assert "CheckpointCallback with DeepSpeed ZeRO-3 and export_at_end=True" in refused["export without gather"]
+
+
 @pytest.mark.parametrize("strategy", [pytest.param(s, marks=[NEEDS_GPU, NEEDS_TWO_GPUS]) for s in RESHARDABLE])
 def test_a_checkpoint_of_two_ranks_resumes_on_one(tmp_path: Path, strategy: str) -> None:
     launch(tmp_path, strategy, 2)
