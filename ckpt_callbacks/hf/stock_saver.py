@@ -22,6 +22,9 @@ The redirection, for one save (`write_checkpoint`, on every rank):
   the staging path), the `stateful_callbacks` are refreshed as for every save of the callback, and rank 0 rewrites
   `trainer_state.json` with that state and moves the folder's entries up into the staging folder.
 
+Those last two are the only file operations of the adapter, inside the hidden staging folder before the seal; the
+commit, the manifest and retention stay the core's.
+
 The same path runs for a plain (DDP or one-process) Trainer when `CheckpointCallback.stock_saver = True`: that is how
 the mechanism is tested on CPU (the FSDP and DeepSpeed tests need CUDA).
 """

@@ -17,8 +17,8 @@ no GPU), with and without the callback, each in its own folder under ROOT:
 
 Rank 0 writes ROOT/{name}.pt for each run: the whole weights at each save (gathered as the stock `save_model`
 gathers them), at the end, the losses, and `state.best_model_checkpoint`. `reshard` (one process): resume
-reshard/checkpoint-9 (the test copies ref/'s there) at world size 1 with max_steps=9, so nothing is left to train,
-and write ROOT/reshard.pt.
+reshard/checkpoint-9 (the test copies ref/'s there) at world size 1, record the weights the stock loader restored
+when training starts, stop there, and write ROOT/reshard.pt.
 """
 
 from __future__ import annotations
@@ -76,11 +76,20 @@ def whole_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 class RecordSaves(TrainerCallback):
-    """The whole weights at every save (after the checkpoint was written)."""
+    """The whole weights at every save (after the checkpoint was written); with `stop_at_start`, the weights a
+    resume restored, at the start of training, and then training is stopped (raises `Interrupted`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_at_start: bool = False) -> None:
         self.trainer: Trainer | None = None
         self.saved: dict[int, dict[str, torch.Tensor]] = {}
+        self.stop_at_start = stop_at_start
+        self.start: dict[str, torch.Tensor] | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.stop_at_start:
+            assert self.trainer is not None
+            self.start = whole_weights(self.trainer)
+            raise Interrupted(f"stopped at the start, step {state.global_step}")
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         assert self.trainer is not None
@@ -89,7 +98,7 @@ class RecordSaves(TrainerCallback):
 
 def run(root: Path, strategy: str, name: str, *, with_callback: bool, callback_flags: dict[str, Any] | None = None,
         crash_at: int | None = None, resume: Any = None, model_seed: int = 0, scores: dict[int, float] | None = None,
-        **flags: Any) -> None:
+        stop_at_start: bool = False, **flags: Any) -> None:
     from accelerate.state import AcceleratorState
 
     base: dict[str, Any] = dict(max_steps=10, save_steps=3, gradient_accumulation_steps=1, logging_steps=1,
@@ -99,7 +108,7 @@ def run(root: Path, strategy: str, name: str, *, with_callback: bool, callback_f
     args = training_args(root / name.split("-")[0] if name.startswith("run") else root / name,
                          **{**base, **STRATEGIES[strategy], **flags})
     model = tiny_gpt2(model_seed)  # after the TrainingArguments: ZeRO-3 partitions a model built after them
-    recorder = RecordSaves()
+    recorder = RecordSaves(stop_at_start)
     callbacks: list[TrainerCallback] = [recorder]
     if with_callback:
         checkpointing = CheckpointCallback(**(callback_flags or {}))
@@ -116,10 +125,10 @@ def run(root: Path, strategy: str, name: str, *, with_callback: bool, callback_f
     try:
         trainer.train(resume_from_checkpoint=resume)
     except Interrupted:
-        assert crash_at is not None
+        assert crash_at is not None or stop_at_start
     final = whole_weights(trainer)
     if args.process_index == 0:
-        torch.save({"saved": recorder.saved, "final": final, "losses": losses(trainer),
+        torch.save({"saved": recorder.saved, "start": recorder.start, "final": final, "losses": losses(trainer),
                     "best_model_checkpoint": trainer.state.best_model_checkpoint,
                     "world_size": args.world_size}, root / f"{name}.pt")
     AcceleratorState._reset_state()  # the next Trainer of this process builds its own accelerator state
@@ -162,7 +171,7 @@ def main(root_arg: str, strategy: str, mode: str = "all") -> None:
     best_flags = dict(save_total_limit=2, load_best_model_at_end=True, scores=SCORES)
     if mode == "reshard":
         run(root, strategy, "reshard", with_callback=True, callback_flags={"export_at_end": False},
-            resume=str(root / "reshard" / "checkpoint-9"), max_steps=9)
+            resume=str(root / "reshard" / "checkpoint-9"), stop_at_start=True)
         return
     if strategy != "ddp":
         refused = refusals(root, strategy)
