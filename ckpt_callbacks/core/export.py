@@ -116,8 +116,9 @@ def check_export_target(target: Path) -> None:
 def export_path_problem(output_dir: str, export_dir: str) -> str | None:
     """Why `export_dir` cannot hold an export of the run in `output_dir` (None when it can): the run folder itself,
     one of its parents, or a checkpoint (or staging folder) inside it would be replaced by the export."""
-    run = Path(os.path.abspath(output_dir))
-    export = Path(os.path.abspath(export_dir))
+    # Links and ".." resolved: a link to the run folder is the run folder.
+    run = Path(os.path.realpath(output_dir))
+    export = Path(os.path.realpath(export_dir))
     if export == run:
         return "is output_dir itself: the export would replace every checkpoint of the run"
     if run.is_relative_to(export):
@@ -125,7 +126,8 @@ def export_path_problem(output_dir: str, export_dir: str) -> str | None:
     if export.is_relative_to(run):
         first = export.relative_to(run).parts[0]
         if layout.parse_checkpoint_step(first) is not None or layout.is_leftover(first) or first == layout.LOCK_NAME:
-            return f"is inside the checkpoint folder {run / first}, which retention and resume own"
+            return (f"is the checkpoint folder {run / first} of output_dir, or inside it: retention and resume own it, "
+                    "and the export would replace it")
     return None
 
 
