@@ -117,6 +117,7 @@ class RunController:
         self.preemption = PreemptionFlag()
         if install_signals and self.args.save_on_signal:
             self.preemption.install()
+        self.manager.expect_saves()  # a restored state's staging buffers are reserved while training starts
 
     def step_ended(self, step: int, *, validation_follows: bool = False) -> StepDecision:
         """An optimizer step ended. Under the framework's own schedule only the time interval and preemption add
