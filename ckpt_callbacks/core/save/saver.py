@@ -57,6 +57,10 @@ class SaveStats:
 
 
 class Saver:
+    # False: staging buffers are allocated by the save that needs them (or by an explicit `prepare`), never
+    # reserved ahead on their own (after a load, or for the next stager): less memory held between saves.
+    reserve_ahead = True
+
     def __init__(self, *, async_save: bool, max_in_flight: int = 1, on_save_error: str = "raise") -> None:
         self.async_save = async_save
         self.on_save_error = on_save_error
@@ -85,7 +89,7 @@ class Saver:
         self._expected = None  # this save allocates what it needs itself
         stager = self._stagers[self._saves % len(self._stagers)]
         following = self._stagers[(self._saves + 1) % len(self._stagers)]
-        if following is not stager and not following.has_buffers:
+        if self.reserve_ahead and following is not stager and not following.has_buffers:
             self._described[relpath] = describe(value)
         if not defer:
             return stager.stage(value, prefix=(relpath,))
@@ -141,7 +145,7 @@ class Saver:
     def expect(self, pieces: Mapping[str, Any]) -> None:
         """Remember the shapes of `pieces` (a state just restored, which the run will save again): the next
         `start_expected` reserves their buffers. Holds no memory and no reference to the tensors."""
-        if self.async_save:
+        if self.async_save and self.reserve_ahead:
             try:
                 self._expected = {relpath: describe(value) for relpath, value in pieces.items()}
             except (RuntimeError, TypeError) as exc:  # a tensor type without a meta twin: the save allocates
