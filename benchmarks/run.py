@@ -144,7 +144,8 @@ def per_gb_summary(name: str, results: list[dict[str, Any]]) -> dict[str, Any] |
         ratios.append({"name": f"{figure}: s/GB, largest / smallest over {', '.join(r['size'] for r in sized)}",
                        "value": max(values) / min(values) if min(values) > 0 else float("nan"), "target": 1.5,
                        "higher_is_better": False, "met": max(values) <= 1.5 * min(values)})
-    return {"scenario": f"{name} per GB", "title": f"({name}) seconds per GB of state, across sizes", "size": "all",
+    return {"scenario": f"{name} per GB", "title": f"({name}) seconds per GB of state, across sizes",
+            "size": " / ".join(r["size"] for r in sized),
             "rows": rows, "ratios": ratios}
 
 
@@ -158,7 +159,8 @@ def print_tables(results: list[dict[str, Any]], *, markdown: bool = False) -> No
             continue
         size_note = f"{result['size']} GPT-2, {result['bytes'] / 1e9:.2f} GB" if "bytes" in result else result["size"]
         runs = max((len(r["runs"]) for r in result["rows"]), default=0)
-        print(f"\n{'#### ' if markdown else ''}{result['title']} ({size_note}, {runs} runs)\n")
+        count = f", {runs} runs" if runs else ""
+        print(f"\n{'#### ' if markdown else ''}{result['title']} ({size_note}{count})\n")
         lines = [("", "median", "runs")] + [(r["name"], _fmt(r["median"], r["unit"]), " ".join(_fmt(v, r["unit"]) for v in r["runs"]))
                                            for r in result["rows"]]
         _print_lines([line[:2] for line in lines] if markdown else lines, markdown)  # Markdown: medians only

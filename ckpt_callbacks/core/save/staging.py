@@ -191,14 +191,15 @@ class HostStager:
         are asynchronous and need a synchronize.
 
         One call, not one per tensor: every torch call releases the GIL and takes it back, and on a background
-        thread (deferred staging) each retake waits for the training thread's switch interval (5 ms) while it
-        runs Python: a copy per tensor of a GPT-2 with AdamW (~450 tensors at 124M) can cost seconds there."""
+        thread (deferred staging) each retake waits while the training thread runs Python. Copying a 45M GPT-2
+        with AdamW (304 tensors) on a thread beside a Python-busy one took 0.08-0.10 s in one call against
+        0.11-0.13 s tensor by tensor (three runs each, on the shared 2-core project machine)."""
         groups: dict[tuple[torch.device, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-        for copy in copies:
-            non_blocking = copy.source.device.type == "cuda" and self.pin_memory
-            buffers, sources = groups.setdefault((copy.source.device, non_blocking), ([], []))
-            buffers.append(copy.buffer)
-            sources.append(copy.source)
+        for planned in copies:
+            non_blocking = planned.source.device.type == "cuda" and self.pin_memory
+            buffers, sources = groups.setdefault((planned.source.device, non_blocking), ([], []))
+            buffers.append(planned.buffer)
+            sources.append(planned.source)
         for (_, non_blocking), (buffers, sources) in groups.items():
             try:
                 torch._foreach_copy_(buffers, sources, non_blocking=non_blocking)
