@@ -7,8 +7,9 @@ thread runs at niceness 0 (the default now) or 10 (before).
 - The HF Trainer with our callback (async, defaults) and a plain loop with `CheckpointManager` (async, deferred
   staging), STEPS steps saving every EVERY: per save, the time from the save call until the checkpoint is
   durable (`SaveStats.total_seconds`), its largest value over the run against the interval between two saves,
-  and the run's wall time against the same run without saves (the overhead). The HF runs use a tiny GPT-2 whose
-  steps take milliseconds, the plain loop the size's GPT-2.
+  and the run's wall time against the same run without saves (the overhead), beside the seconds the library
+  reported training waited (`SaveStats.blocking_seconds`, summed): the two agree when every wait is counted.
+  The HF runs use a tiny GPT-2 whose steps take milliseconds, the plain loop the size's GPT-2.
 - A crash: a Trainer process (tiny GPT-2, loaded machine) killed with SIGKILL 1, 2 or 3 steps after a save
   returned; counted: how often that save was committed (listed, every checksum verified) when the process died.
   This is the recovery point: a crash loses the work since the newest durable checkpoint.
@@ -44,6 +45,7 @@ def run(size: str, repeats: int) -> dict[str, Any]:
     worst: dict[str, list[float]] = {}
     interval: dict[str, list[float]] = {}
     wall: dict[str, list[float]] = {}
+    reported: dict[str, list[float]] = {}
     frameworks = ("HF Trainer", "plain loop") if size == "tiny" else ("plain loop",)
     with scratch(f"loaded-{size}") as root:
         for _ in range(repeats):
@@ -55,6 +57,7 @@ def run(size: str, repeats: int) -> dict[str, Any]:
                             seconds, saves = _train(framework, size, root / "run", niceness)
                             wall.setdefault(name, []).append(seconds)
                             if saves:
+                                reported.setdefault(name, []).append(sum(s[2] for s in saves))
                                 durable.setdefault(name, []).extend(s[0] for s in saves)
                                 worst.setdefault(name, []).append(max(s[0] for s in saves))
                                 interval.setdefault(name, []).append(_interval(saves))
@@ -67,6 +70,7 @@ def run(size: str, repeats: int) -> dict[str, Any]:
         if "no saves" not in name:
             baseline = wall[name.rsplit(", ", 1)[0] + ", no saves"]
             rows.append(row(f"{name}: overhead vs no saves", [a - b for a, b in zip(values, baseline, strict=True)]))
+            rows.append(row(f"{name}: blocking the library reported (sum over the run)", reported[name]))
     for niceness, committed in crashes.items():
         rows.append(row(f"crash 1-3 steps after a save (HF Trainer, loaded, niceness {niceness}): save committed",
                         [float(c) for c in committed], unit="of 1"))
@@ -80,6 +84,11 @@ def run(size: str, repeats: int) -> dict[str, Any]:
                                 target=1.5 if niceness == 0 else None))
             ratios.append(ratio(f"{framework}, niceness {niceness}, loaded: slowest save to durable / save interval",
                                 max(worst[loaded]), min(interval[loaded]), target=1.0 if niceness == 0 else None))
+    for framework in frameworks:
+        for load in ("idle", "loaded"):
+            name = f"{framework}, {load}, writer at niceness 0"
+            ratios.append(ratio(f"{framework}, {load}: blocking reported / overhead measured", m[
+                f"{name}: blocking the library reported (sum over the run)"], m[f"{name}: overhead vs no saves"]))
     for niceness, committed in crashes.items():
         ratios.append(ratio(f"crash 1-3 steps after a save, niceness {niceness}: share of saves lost",
                             committed.count(False), len(committed), target=0.0 if niceness == 0 else None))
@@ -87,14 +96,17 @@ def run(size: str, repeats: int) -> dict[str, Any]:
             "rows": rows, "ratios": ratios}
 
 
-def _interval(saves: list[tuple[float, float]]) -> float:
+def _interval(saves: list[tuple[float, float, float]]) -> float:
     """The shortest time between two consecutive save calls of a run."""
-    calls = sorted(at for _, at in saves)
+    calls = sorted(at for _, at, _ in saves)
     return min(b - a for a, b in zip(calls, calls[1:], strict=False)) if len(calls) > 1 else float("nan")
 
 
-def _train(framework: str, size: str, folder: Path, niceness: int | None) -> tuple[float, list[tuple[float, float]]]:
-    """Wall seconds of the run and, per save, (seconds from the call to durable, when it was called)."""
+Saves = list[tuple[float, float, float]]  # per save: seconds from the call to durable, when it was called, blocking
+
+
+def _train(framework: str, size: str, folder: Path, niceness: int | None) -> tuple[float, Saves]:
+    """Wall seconds of the run and its saves."""
     import shutil
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -108,7 +120,7 @@ def _train(framework: str, size: str, folder: Path, niceness: int | None) -> tup
         BackgroundWriter.niceness = 0
 
 
-def _loop_run(size: str, folder: Path, saving: bool) -> tuple[float, list[tuple[float, float]]]:
+def _loop_run(size: str, folder: Path, saving: bool) -> tuple[float, Saves]:
     model = gpt2(size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     objects = {"model": model, "optimizer": optimizer}
@@ -126,13 +138,14 @@ def _loop_run(size: str, folder: Path, saving: bool) -> tuple[float, list[tuple[
             at = time.perf_counter()
             manager.save(step, objects, defer_staging=True)
             saves.append((manager.last_save, at))
-    seconds = time.perf_counter() - started
     if manager is not None:
-        manager.close()
-    return seconds, [(stats.total_seconds or float("nan"), at) for stats, at in saves if stats is not None]
+        manager.close()  # the run ends with its last save durable, as train() does
+    seconds = time.perf_counter() - started
+    return seconds, [(stats.total_seconds or float("nan"), at, stats.blocking_seconds) for stats, at in saves
+                     if stats is not None]
 
 
-def _hf_run(folder: Path, saving: bool) -> tuple[float, list[tuple[float, float]]]:
+def _hf_run(folder: Path, saving: bool) -> tuple[float, Saves]:
     from transformers import PrinterCallback
 
     from benchmarks.hf_setup import make_trainer
@@ -159,7 +172,7 @@ def _hf_run(folder: Path, saving: bool) -> tuple[float, list[tuple[float, float]
         seconds = time.perf_counter() - started
     finally:
         Saver.submit = submit  # type: ignore[method-assign]
-    return seconds, [(stats.total_seconds or float("nan"), at) for stats, at in calls]
+    return seconds, [(stats.total_seconds or float("nan"), at, stats.blocking_seconds) for stats, at in calls]
 
 
 CRASHING_TRAINER = """

@@ -132,7 +132,7 @@ def _resume_here(name: str, size: str, root: Path) -> dict[str, float]:
         requested = str(root / "hf" / "checkpoint-1")
 
         def load() -> None:
-            checkpoint = callback._verified_resume(requested)  # what the callback's `train` wrapper runs first
+            checkpoint = callback._resume_checkpoint(requested)  # what the callback's `train` wrapper runs first
             trainer._load_from_checkpoint(checkpoint)
             trainer._load_optimizer_and_scheduler(checkpoint)
             trainer._load_rng_state(checkpoint)

@@ -40,7 +40,7 @@ SCENARIOS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
     "export": ("benchmarks.export", 5, 2, ("45M", "124M", "350M")),
     "lightning": ("benchmarks.lightning_io", 5, 2, ("45M", "124M")),
     "peers": ("benchmarks.peers", 5, 2, ("45M", "124M", "350M")),
-    "first_save": ("benchmarks.first_save", 5, 2, ("45M", "124M", "350M")),
+    "first_save": ("benchmarks.first_save", 5, 2, ("45M", "350M")),
     "loaded": ("benchmarks.loaded", 5, 2, ("tiny", "45M")),
     "gpu": ("benchmarks.gpu", 5, 2, ("124M", "350M")),
     "writer_mode": ("benchmarks.writer_mode", 5, 2, ("124M",)),

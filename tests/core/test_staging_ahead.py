@@ -156,3 +156,24 @@ def test_a_lower_writer_priority_is_added_to_the_process_niceness(tmp_path: Path
     monkeypatch.setattr(BackgroundWriter, "niceness", 3)
     own = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert writer_thread_niceness(tmp_path / "lowered") == min(19, own + 3)
+
+
+def test_provenance_is_gathered_off_the_training_thread_once_the_loop_runs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ckpt_callbacks.core import manager as manager_module
+    from ckpt_callbacks.core.format.manifest import read_manifest_file
+
+    threads: list[str] = []
+
+    def recording_git_commit() -> str:
+        threads.append(threading.current_thread().name)
+        return "0" * 40
+
+    monkeypatch.setattr(manager_module, "git_commit", recording_git_commit)
+    model, optimizer = wide_net()
+    step(model, optimizer)
+    with CheckpointManager(CheckpointArguments(output_dir=str(tmp_path))) as manager:
+        manager.should_save_step(1)
+        manager.save(1, {"model": model, "optimizer": optimizer})
+    assert threads == ["ckpt-provenance"]
+    assert read_manifest_file(tmp_path / "checkpoint-1" / "manifest.json").git_commit == "0" * 40
