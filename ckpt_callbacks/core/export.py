@@ -11,9 +11,12 @@ The weights are usually on disk already: the final checkpoint's
 `model.safetensors` holds the same tensors in the same layout. Given that
 checkpoint (`reuse_from`), a shard that would be byte-identical to one of its
 committed files shares it instead of being written again: a reflink where the
-file system has them (an independent copy-on-write copy), else a hard link
-(checkpoint files are never modified in place: a re-save writes a new folder,
-retention and a later export only unlink), else a fresh write. "Would be
+file system has them (an independent copy-on-write copy: XFS, Btrfs, ...), else
+a fresh write. Hard links are opt-in (`SHARE_COMMITTED_FILES = "link"`): this
+library never modifies a checkpoint file in place, but a user's in-place write
+into a linked export file (`save_pretrained` into the export folder opens its
+files with "wb") would change the checkpoint's too, which its checksum then
+refuses: a checkpoint is insurance, so it is not shared that way by default. "Would be
 byte-identical" is checked, not assumed: the shard's header must equal the
 file's, the xxh3-128 of that header followed by the tensors in memory must
 equal the checksum the manifest recorded when the file was written (so a
@@ -77,8 +80,9 @@ logger = logging.getLogger("ckpt_callbacks")
 
 INDEX_NAME = "model.safetensors.index.json"
 ExportProgress = Callable[[int], object]  # called with the bytes of each tensor file as it is written
-# False: never share a committed checkpoint's files (`reuse_from`); every shard is written afresh.
-SHARE_COMMITTED_FILES = True
+# How an export may share a committed checkpoint's files (`reuse_from`): "reflink" (copy-on-write clones only,
+# independent of the checkpoint), "link" (also hard links where there are no reflinks), "off" (every shard written).
+SHARE_COMMITTED_FILES = "reflink"
 _FICLONE = 0x40049409  # Linux ioctl: make the target a copy-on-write clone of the source (btrfs, XFS, ...)
 _SAMPLED_BLOCKS = 16
 
@@ -112,7 +116,7 @@ def export_safetensors(
     staging = target.parent / layout.staging_name_for(target.name)
     staging.mkdir()
     try:
-        committed = _CommittedFiles(Path(reuse_from)) if reuse_from is not None and SHARE_COMMITTED_FILES else None
+        committed = _CommittedFiles(Path(reuse_from)) if reuse_from is not None and SHARE_COMMITTED_FILES != "off" else None
         written = _write_shards(unique_tensors(state_dict), staging, max_shard_size, weights_name, progress, committed)
         for obj in pretrained_objects:
             obj.save_pretrained(str(staging))
@@ -217,7 +221,7 @@ class _CommittedFiles:
         if not _holds_exactly(source, entry, prefix, ordered):
             logger.info("Export: %s does not hold the final weights; writing %s afresh.", source, target.name)
             return False
-        if _clone(source, target) or _hard_link(source, target):
+        if _clone(source, target) or (SHARE_COMMITTED_FILES == "link" and _hard_link(source, target)):
             logger.debug("Export: %s shares the committed %s.", target.name, source)
             return True
         return False

@@ -66,7 +66,9 @@ def test_a_checkpoints_weights_file_is_the_one_save_pretrained_writes(tmp_path: 
     assert (checkpoint / "model.safetensors").read_bytes() == expected["model.safetensors"]
 
 
-def test_export_shares_the_committed_file_holding_the_final_weights(tmp_path: Path) -> None:
+def test_export_shares_the_committed_file_holding_the_final_weights(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "SHARE_COMMITTED_FILES", "link")  # hard links where the file system has no reflinks
     model = tiny_gpt2()
     checkpoint = committed_checkpoint(model, tmp_path / "run")
     out = tmp_path / "export"
@@ -85,7 +87,8 @@ def test_export_shares_the_committed_file_holding_the_final_weights(tmp_path: Pa
     assert_same_tensors(exported, {name: model.state_dict()[name] for name in exported})
 
 
-def test_a_checkpoint_of_other_weights_is_not_shared(tmp_path: Path) -> None:
+def test_a_checkpoint_of_other_weights_is_not_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "SHARE_COMMITTED_FILES", "link")
     earlier = tiny_gpt2(seed=0)
     checkpoint = committed_checkpoint(earlier, tmp_path / "run")
     final = tiny_gpt2(seed=1)  # same shapes, so the same header: only the checksum tells them apart
@@ -97,7 +100,9 @@ def test_a_checkpoint_of_other_weights_is_not_shared(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("mtime", ["updated", "restored"])
-def test_a_committed_file_changed_after_its_commit_is_not_shared(tmp_path: Path, mtime: str) -> None:
+def test_a_committed_file_changed_after_its_commit_is_not_shared(tmp_path: Path, mtime: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "SHARE_COMMITTED_FILES", "link")
     model = tiny_gpt2()
     checkpoint = committed_checkpoint(model, tmp_path / "run")
     weights = checkpoint / "model.safetensors"
@@ -113,7 +118,8 @@ def test_a_committed_file_changed_after_its_commit_is_not_shared(tmp_path: Path,
     assert weight_files(out) == stock_export(model, tmp_path / "stock", "5GB")
 
 
-def test_shards_no_committed_file_matches_are_written_afresh(tmp_path: Path) -> None:
+def test_shards_no_committed_file_matches_are_written_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "SHARE_COMMITTED_FILES", "link")
     model = tiny_gpt2()
     checkpoint = committed_checkpoint(model, tmp_path / "run")
     out = tmp_path / "export"
@@ -124,14 +130,16 @@ def test_shards_no_committed_file_matches_are_written_afresh(tmp_path: Path) -> 
 
 
 def test_sharing_can_be_turned_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(export, "SHARE_COMMITTED_FILES", False)
+    monkeypatch.setattr(export, "SHARE_COMMITTED_FILES", "off")
     model = tiny_gpt2()
     checkpoint = committed_checkpoint(model, tmp_path / "run")
     export_safetensors(model.state_dict(), tmp_path / "export", reuse_from=checkpoint)
     assert not same_file(tmp_path / "export" / "model.safetensors", checkpoint / "model.safetensors")
 
 
-def test_the_end_of_run_export_shares_the_last_checkpoint_when_it_holds_the_final_weights(tmp_path: Path) -> None:
+def test_the_end_of_run_export_shares_the_last_checkpoint_when_it_holds_the_final_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(export, "SHARE_COMMITTED_FILES", "link")
     model = tiny_gpt2()
     manager = CheckpointManager(CheckpointArguments(output_dir=str(tmp_path / "run")), engine="hf")
     run = RunController(manager)
@@ -142,3 +150,15 @@ def test_the_end_of_run_export_shares_the_last_checkpoint_when_it_holds_the_fina
     exported = tmp_path / "run" / "export" / "model.safetensors"
     assert same_file(exported, tmp_path / "run" / "checkpoint-2" / "model.safetensors")
     assert weight_files(exported.parent) == stock_export(model, tmp_path / "stock", "5GB")
+
+
+def test_by_default_a_write_into_the_export_never_reaches_the_checkpoint(tmp_path: Path) -> None:
+    """Default sharing is copy-on-write only: where the file system has no reflinks (ext4), the export is a copy,
+    so a user saving another model into the export folder in place leaves the checkpoint intact."""
+    model = tiny_gpt2()
+    checkpoint = committed_checkpoint(model, tmp_path / "run")
+    out = tmp_path / "export"
+    export_safetensors(model.state_dict(), out, reuse_from=checkpoint, pretrained_objects=[model.config])
+    assert not same_file(out / "model.safetensors", checkpoint / "model.safetensors") or export.SHARE_COMMITTED_FILES == "link"
+    tiny_gpt2(seed=1).save_pretrained(str(out))  # opens out/model.safetensors with "wb": in place
+    assert verifies(checkpoint)
