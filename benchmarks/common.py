@@ -7,6 +7,7 @@ affect them alike.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -30,10 +31,13 @@ RESULTS = ROOT / "results"
 # On the same disk as the results (and as a user's output_dir in the repo), never on a tmpfs.
 SCRATCH = RESULTS / "scratch"
 
-# GPT-2 shapes from its config; n_positions stays at GPT-2's 1024 so the 124M figure is the real one.
+# GPT-2 shapes from its config; n_positions stays at GPT-2's 1024 so the 124M figure is the real one. "tiny"
+# (1.7M parameters, 20 MB with AdamW) is for smoke runs and for the loaded-machine scenario's small saves.
 SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"n_embd": 32, "n_layer": 2, "n_head": 2},
     "45M": {"n_embd": 512, "n_layer": 6, "n_head": 8},
     "124M": {"n_embd": 768, "n_layer": 12, "n_head": 12},
+    "350M": {"n_embd": 1024, "n_layer": 24, "n_head": 16},
 }
 
 
@@ -225,6 +229,67 @@ def read_into_page_cache(folder: Path) -> None:
         with open(path, "rb") as f:
             while f.read(64 << 20):
                 pass
+
+
+def drop_from_page_cache(folder: Path) -> None:
+    """Evict every file under `folder` from the page cache (`posix_fadvise(DONTNEED)`), as for a resume in a new
+    job on another machine. Files written with O_DIRECT are not cached to begin with."""
+    for path in (p for p in folder.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)  # dirty pages are not dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def return_free_memory() -> None:
+    """Hand freed heap memory back to the system, so the next allocation faults fresh pages as a new process's
+    would (glibc keeps small freed blocks otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class CpuHogs:
+    """`count` processes that each keep one core busy (pure Python loops), as dataloader workers and other jobs
+    do beside real training; stopped on exit."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._processes: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> CpuHogs:
+        self._processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.count)]
+        time.sleep(0.5)  # let them reach the run queue
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for process in self._processes:
+            process.kill()
+        for process in self._processes:
+            process.wait()
+        self._processes = []
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def single_process_group() -> None:
+    """A one-process gloo group (what DCP's savers expect), on a free local port."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+        dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 def in_fresh_process(module: str, *args: str) -> Any:

@@ -38,7 +38,7 @@ from ckpt_callbacks import CheckpointArguments
 from ckpt_callbacks.lightning import CheckpointCallback, CheckpointIOPlugin
 
 SEQUENCE = 64
-EVERY = {"45M": 8, "124M": 8}
+EVERY = {"tiny": 8, "45M": 8, "124M": 8}
 
 TORCH = "TorchCheckpointIO"
 ASYNC = "AsyncCheckpointIO(TorchCheckpointIO)"

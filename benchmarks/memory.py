@@ -10,13 +10,21 @@ optimizer step would, so each save copies everything.
 
 from __future__ import annotations
 
-import ctypes
-import gc
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from benchmarks.common import PeakRSS, clear, gb, ratio, row, rss_bytes, scratch, training_state
+from benchmarks.common import (
+    PeakRSS,
+    clear,
+    gb,
+    ratio,
+    return_free_memory,
+    row,
+    rss_bytes,
+    scratch,
+    training_state,
+)
 from benchmarks.hf_setup import save_like_the_trainer, trainer_for
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.hf import CheckpointCallback
@@ -71,7 +79,7 @@ def _plain_save(manager: CheckpointManager, state: Any, step: int) -> None:
 
 def _saves(state: Any, save: Callable[[int], Any], settle: Callable[[], Any], count: int,
            folder: Any) -> tuple[list[float], list[float]]:
-    _return_free_memory()
+    return_free_memory()
     baseline = rss_bytes()
     peaks, after = [], []
     for step in range(1, count + 1):
@@ -83,11 +91,3 @@ def _saves(state: Any, save: Callable[[int], Any], settle: Callable[[], Any], co
         after.append(rss_bytes() - baseline)
         clear(folder)
     return peaks, after
-
-
-def _return_free_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass

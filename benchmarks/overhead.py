@@ -30,7 +30,7 @@ from ckpt_callbacks import CheckpointArguments, CheckpointManager
 from ckpt_callbacks.hf import CheckpointCallback
 
 SEQUENCE = 64
-EVERY = {"45M": 8, "124M": 8}
+EVERY = {"tiny": 8, "45M": 8, "124M": 8}
 
 HF_NONE = "HF Trainer, no saves"
 HF_STOCK = "HF Trainer, stock saves"

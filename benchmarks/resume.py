@@ -23,7 +23,6 @@ run, as for a resume in a new job.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 
 from benchmarks.common import (
     TrainingState,
+    drop_from_page_cache,
     gpt2,
     in_fresh_process,
     medians,
@@ -78,7 +78,7 @@ def run(size: str, repeats: int) -> dict[str, Any]:
         for _ in range(repeats):
             for name in NAMES:
                 if name in COLD:
-                    _drop_from_page_cache(root / FOLDERS.get(name, "ours"))
+                    drop_from_page_cache(root / FOLDERS.get(name, "ours"))
                 else:
                     for folder in ("stock", "ours", "hf"):
                         read_into_page_cache(root / folder)
@@ -110,19 +110,6 @@ def run(size: str, repeats: int) -> dict[str, Any]:
     }
 
 
-def _files(folder: Path) -> list[Path]:
-    return [path for path in folder.rglob("*") if path.is_file()]
-
-
-def _drop_from_page_cache(folder: Path) -> None:
-    for path in _files(folder):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _resume_here(name: str, size: str, root: Path) -> dict[str, float]:
     """In a fresh process: build the objects, time the load and the first optimizer step."""
     quiet()
@@ -145,7 +132,7 @@ def _resume_here(name: str, size: str, root: Path) -> dict[str, float]:
         requested = str(root / "hf" / "checkpoint-1")
 
         def load() -> None:
-            checkpoint = callback._verified_resume(requested)  # what the callback's `train` wrapper runs first
+            checkpoint = callback._resume_checkpoint(requested)  # what the callback's `train` wrapper runs first
             trainer._load_from_checkpoint(checkpoint)
             trainer._load_optimizer_and_scheduler(checkpoint)
             trainer._load_rng_state(checkpoint)

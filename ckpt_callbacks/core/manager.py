@@ -16,6 +16,7 @@ from __future__ import annotations
 import builtins
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from functools import partial
@@ -36,7 +37,7 @@ from ckpt_callbacks.core.save.policy import SavePolicy
 from ckpt_callbacks.core.save.retention import RetentionCandidate, RetentionPolicy
 from ckpt_callbacks.core.save.saver import Saver, SaveStats, copy_now_addresses
 from ckpt_callbacks.core.save.transaction import Transaction, piece_path
-from ckpt_callbacks.core.state.capture import RNG_STATE, capture
+from ckpt_callbacks.core.state.capture import RNG_STATE, Stateful, capture
 from ckpt_callbacks.core.state.rng import capture_rng_state, restore_rng_state
 from ckpt_callbacks.core.state.stateful_loaders import keep_rng_through_next_iterator, saved_mid_epoch
 from ckpt_callbacks.core.storage.store import CheckpointStore, make_store
@@ -97,6 +98,8 @@ class CheckpointManager:
         self._prepared_for_writing = False
         self._best_known = False
         self._provenance: Provenance | None = None
+        self._provenance_lock = threading.Lock()
+        self._provenance_started = False
         self._start_time = time.time()
 
     # ----------------------------------------------------------------- when to save (plain loops)
@@ -106,9 +109,11 @@ class CheckpointManager:
         `handle_signals()`, call for a save after optimizer step `step`."""
         if max_steps is not None:
             self.policy.set_max_steps(max_steps)
+        self.expect_saves()
         return self.policy.on_step_end(step) or self.preempted
 
     def should_save_epoch(self) -> bool:
+        self.expect_saves()
         return self.policy.on_epoch_end()
 
     def should_save_evaluation(self, metrics: Mapping[str, float], step: int) -> bool:
@@ -220,8 +225,8 @@ class CheckpointManager:
             >>> manager.save_written(40, lambda folder: trainer.save_checkpoint(folder / "checkpoint.ckpt"),
             ...                      states=["checkpoint.ckpt"], epoch=1.0)
         """
+        started = time.perf_counter()  # the wait below is time the caller spends on checkpointing too
         self.wait()  # every earlier async save is committed first: checkpoints appear in step order
-        started = time.perf_counter()
         self._prepare_for_writing()
         numeric = {str(k): float(v) for k, v in (metrics or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -245,7 +250,20 @@ class CheckpointManager:
     def wait_for_staging(self) -> None:
         """Block until the host copy of a `save(..., defer_staging=True)` is complete: from then on the live
         tensors may change. Cheap when there is nothing to wait for; raises if the copy failed."""
+        self.expect_saves()
         self._saver.wait_for_staging()
+
+    def expect_saves(self) -> None:
+        """Training that saves runs from here: reserve, in the background, the host buffers the first async save
+        of the state the last `load` restored will copy into (once; nothing otherwise). `should_save_step`,
+        `should_save_epoch`, `wait_for_staging` and the adapters' run start call it, so a resumed run's first
+        save reuses memory already in place, while a script that only loads reserves nothing. The manifest's
+        provenance (package versions, a `git rev-parse`: 40-60 ms) is gathered on a thread from here too, so the
+        first save does not wait for it."""
+        self._saver.start_expected()
+        if not self._provenance_started:
+            self._provenance_started = True
+            threading.Thread(target=self._provenance_once, name="ckpt-provenance", daemon=True).start()
 
     def wait(self) -> None:
         """Block until every async save is durable; raise if one failed (log it with `on_save_error="warn"`)."""
@@ -316,9 +334,10 @@ class CheckpointManager:
         return result
 
     def _provenance_once(self) -> Provenance:
-        if self._provenance is None:
-            self._provenance = Provenance(library_versions(), git_commit(), self._start_time)
-        return self._provenance
+        with self._provenance_lock:  # gathered once, here or on the thread `expect_saves` starts
+            if self._provenance is None:
+                self._provenance = Provenance(library_versions(), git_commit(), self._start_time)
+            return self._provenance
 
     def _expected_size(self) -> int:
         """Bytes the next checkpoint will likely need: the size of the last one committed."""
@@ -421,6 +440,9 @@ class CheckpointManager:
         relpaths = {key: piece_path(key, name) for key in state}
         loaded = restore_checkpoint(engine, directory, info.manifest, state, relpaths,
                                     verify=self.args.verify_on_load, map_location=map_location)
+        # What the run's next save of these objects holds (its shapes, to reserve staging buffers for).
+        self._saver.expect({relpaths[key]: target.state_dict() if isinstance(target, Stateful) else loaded[key]
+                            for key, target in state.items()})
         rng_piece = self._rng_piece()
         if restore_rng and rng_piece in info.manifest.states:
             rng_state = engine.load(rng_piece)

@@ -123,6 +123,7 @@ class RunController:
         self._deferred_step: int | None = None
         self._deferred_to_epoch_end = False
         self._evaluated_without_metric: list[str] | None = None
+        self._weights_from: CheckpointInfo | None = None  # the checkpoint `load_best` restored
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -160,6 +161,7 @@ class RunController:
         self.preemption = PreemptionFlag()
         if install_signals and self.args.save_on_signal:
             self.preemption.install()
+        self.manager.expect_saves()  # a restored state's staging buffers are reserved while training starts
 
     def step_ended(self, step: int, *, validation_follows: bool = False, epoch_ends: bool = False) -> StepDecision:
         """An optimizer step ended. Under the framework's own schedule only the time interval and preemption add
@@ -375,6 +377,7 @@ class RunController:
                            "Evaluate at the save steps.", self.manager.metric_rule.key)
             return None
         self.manager.load(best, targets, restore_rng=False)
+        self._weights_from = best
         logger.info("Loaded the best weights from %s (%s).", best.path, best.metrics)
         return best
 
@@ -391,8 +394,11 @@ class RunController:
             logger.warning("export_at_end: the run folder %s is not local; set export_dir to a local folder.",
                            self.manager.store.root)
             return None
+        # The checkpoint most likely to hold the exported weights: the export shares its files where they verify.
+        holder = self._weights_from or self.manager.latest()
         export_safetensors(source.state_dict(), self.export_dir, max_shard_size=self.args.max_shard_size,
-                           pretrained_objects=source.pretrained_objects, weights_name=source.weights_name)
+                           pretrained_objects=source.pretrained_objects, weights_name=source.weights_name,
+                           reuse_from=holder.path if holder is not None else None)
         logger.info("Exported the final model to %s.", self.export_dir)
         return self.export_dir
 

@@ -6,7 +6,11 @@ issues #415/#458). Here the header is built from shapes and each tensor's bytes
 go straight from its memory to the file through a zero-copy uint8 view: one
 large sequential write per tensor and a single fsync. The format is the
 standard one, so every safetensors reader (`safe_open`, `load_file`,
-`from_pretrained`, vLLM) reads it. Reading uses the library (mmap).
+`from_pretrained`, vLLM) reads it, and the bytes are those `safetensors`
+itself writes (tensors ordered by dtype, then name): a file written here is
+byte-identical to `save_file`'s, or to the shard `save_pretrained` writes, of
+the same tensors, so an export can reuse a checkpoint's file as it is.
+Reading uses the library (mmap).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ __all__ = [
     "DTYPE_NAMES",
     "WRITE_THREADS",
     "TensorSpec",
+    "byte_view",
+    "file_prefix",
     "read_safetensors",
     "read_safetensors_metadata",
     "read_tensor_specs",
@@ -48,6 +54,9 @@ for _name, _code in (("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"),
     if hasattr(torch, _name):
         _DTYPE_CODES[getattr(torch, _name)] = _code
 DTYPE_NAMES = {code: str(dtype).removeprefix("torch.") for dtype, code in _DTYPE_CODES.items()}
+# The order `safetensors` writes tensors in: by dtype, in this order, then by name.
+_DTYPE_ORDER = {code: rank for rank, code in enumerate(
+    ("U64", "I64", "F64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E4M3", "F8_E5M2", "I8", "U8", "BOOL"))}
 _ALIGNMENT = 8
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
 # Threads writing one safetensors file when it goes through the page cache (`direct_io.ENABLED = False`), where
@@ -68,9 +77,16 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
         >>> write_safetensors(Path("model.safetensors"), {"w": torch.zeros(2, 2)}, {"format": "pt"})
     """
     header_bytes, ordered = _safetensors_header(path, tensors, metadata)
-    views = [_byte_view(tensor) for tensor in ordered if tensor.numel()]
+    views = [byte_view(tensor) for tensor in ordered if tensor.numel()]
     write_buffers(path, [struct.pack("<Q", len(header_bytes)) + header_bytes, *views], fsync=fsync,
                   threads=WRITE_THREADS)
+
+
+def file_prefix(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> tuple[bytes, list[torch.Tensor]]:
+    """The first bytes of the file `write_safetensors` writes for `tensors` (header length and header), and the
+    tensors in the order their bytes follow it."""
+    header_bytes, ordered = _safetensors_header(Path("tensors"), tensors, metadata)
+    return struct.pack("<Q", len(header_bytes)) + header_bytes, ordered
 
 
 def _safetensors_header(path: Path, tensors: Mapping[str, torch.Tensor],
@@ -84,15 +100,16 @@ def _safetensors_header(path: Path, tensors: Mapping[str, torch.Tensor],
     for name, tensor in tensors.items():
         if tensor.dtype not in _DTYPE_CODES:
             raise TypeError(f"{path.name}: tensor '{name}' has dtype {tensor.dtype}, which safetensors cannot store.")
+    for name, tensor in sorted(tensors.items(), key=lambda item: (_DTYPE_ORDER[_DTYPE_CODES[item[1].dtype]], item[0])):
         nbytes = tensor.numel() * tensor.element_size()
         header[name] = {"dtype": _DTYPE_CODES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
         ordered.append(tensor)
         offset += nbytes
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     return header_bytes + b" " * (-len(header_bytes) % _ALIGNMENT), ordered
 
 
-def _byte_view(tensor: torch.Tensor) -> memoryview:
+def byte_view(tensor: torch.Tensor) -> memoryview:
     """The tensor's bytes without copying when it is a contiguous CPU tensor.
 
     Only calls that keep the GIL: `detach()` releases and retakes it, and retaking it costs a background

@@ -34,7 +34,7 @@ import torch
 from ckpt_callbacks.core.format.safetensors_io import view_key
 from ckpt_callbacks.errors import CheckpointError
 
-__all__ = ["IMMEDIATE_COPY_BYTES", "HostStager", "StagingPlan", "storage_address"]
+__all__ = ["IMMEDIATE_COPY_BYTES", "HostStager", "StagingPlan", "describe", "storage_address"]
 
 BufferKey = tuple[str, ...]
 # Deferred staging still copies tensors this small at once: buffers such as BatchNorm statistics change
@@ -76,10 +76,7 @@ class StagingPlan:
     def run(self) -> None:
         """Copy every planned tensor (on any thread), then check none was modified before its copy."""
         try:
-            synchronize = False
-            for copy in self.copies:
-                synchronize = self.stager._copy(copy) or synchronize
-            if synchronize:
+            if self.stager._copy_all(self.copies):
                 torch.cuda.synchronize()
             for copy in self.copies:
                 self._check_unchanged(copy)
@@ -110,10 +107,15 @@ class HostStager:
             self.skip_unchanged = skip_unchanged
         self._buffers: dict[BufferKey, torch.Tensor] = {}
         self._marks: dict[BufferKey, _Mark] = {}
+        self._reserved: set[BufferKey] = set()  # reserved ahead, not yet filled by a snapshot
 
     @property
     def staged_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
+
+    @property
+    def has_buffers(self) -> bool:
+        return bool(self._buffers)
 
     def stage(self, state: Any, prefix: BufferKey = ()) -> Any:
         """A copy of `state` whose tensors live in this stager's host buffers; shared tensors stay shared."""
@@ -134,9 +136,11 @@ class HostStager:
     def reserve(self, state: Any, prefix: BufferKey = ()) -> int:
         """Allocate and touch the buffers a snapshot of `state` will use, copying nothing; returns their bytes.
 
+        `state` may be the live state or its `describe(...)` (meta tensors: shapes and dtypes only).
         Fresh memory costs its page faults on first touch (on the project machine, a VM, 0.4-3.5 s for the
         1.49 GB of a 124M GPT-2 with AdamW); a caller that reserves ahead, in the background, keeps that
-        cost out of the first save. The buffers are those `plan` picks: same walk, same keys."""
+        cost out of the first save. The buffers are those `plan` picks: same walk, same keys; those the next
+        save does not take are freed by `release_unused_reservations`."""
         reserved = 0
 
         def reserve_one(value: torch.Tensor, key: BufferKey) -> torch.Tensor:
@@ -145,14 +149,27 @@ class HostStager:
             buffer = self._buffer_for(key, value)
             if fresh and buffer.numel():
                 buffer.view(-1)[:: max(1, 4096 // buffer.element_size())].zero_()  # one write per page
+                self._reserved.add(key)
             reserved += buffer.numel() * buffer.element_size()
             return buffer
 
         _map_tensors(state, prefix, reserve_one)
         return reserved
 
+    def release_unused_reservations(self) -> int:
+        """Free the buffers reserved ahead that no snapshot planned since took (the save held other pieces, or
+        other shapes); returns their bytes. Called once every piece of a save is planned."""
+        freed = 0
+        for key in self._reserved:
+            buffer = self._buffers.pop(key, None)
+            freed += buffer.numel() * buffer.element_size() if buffer is not None else 0
+            self._forget(key)
+        self._reserved.clear()
+        return freed
+
     def _plan_tensor(self, plan: StagingPlan, value: torch.Tensor, key: BufferKey, defer: bool,
                      copy_now: frozenset[int]) -> torch.Tensor:
+        self._reserved.discard(key)
         buffer = self._buffer_for(key, value)
         nbytes = buffer.numel() * buffer.element_size()
         if self._holds_unchanged(key, value, buffer):
@@ -168,6 +185,28 @@ class HostStager:
             self._forget(key)  # until the copy is done, the buffer holds nothing we can vouch for
             plan.copies.append(copy)
         return buffer
+
+    def _copy_all(self, copies: list[_Copy]) -> bool:
+        """Copy every planned tensor in one call per source device (`torch._foreach_copy_`); True when the copies
+        are asynchronous and need a synchronize.
+
+        One call, not one per tensor: every torch call releases the GIL and takes it back, and on a background
+        thread (deferred staging) each retake waits while the training thread runs Python. Copying a 45M GPT-2
+        with AdamW (304 tensors) on a thread beside a Python-busy one took 0.08-0.10 s in one call against
+        0.11-0.13 s tensor by tensor (three runs each, on the shared 2-core project machine)."""
+        groups: dict[tuple[torch.device, bool], tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for planned in copies:
+            non_blocking = planned.source.device.type == "cuda" and self.pin_memory
+            buffers, sources = groups.setdefault((planned.source.device, non_blocking), ([], []))
+            buffers.append(planned.buffer)
+            sources.append(planned.source)
+        for (_, non_blocking), (buffers, sources) in groups.items():
+            try:
+                torch._foreach_copy_(buffers, sources, non_blocking=non_blocking)
+            except (RuntimeError, TypeError, NotImplementedError):  # tensor types foreach does not take
+                for buffer, source in zip(buffers, sources, strict=True):
+                    buffer.copy_(source, non_blocking=non_blocking)
+        return any(non_blocking for _, non_blocking in groups)
 
     def _copy(self, copy: _Copy) -> bool:
         """Copy one tensor into its buffer; True when the copy is asynchronous and needs a synchronize."""
@@ -205,6 +244,13 @@ class HostStager:
             self._buffers[key] = buffer
             self._forget(key)
         return buffer
+
+
+def describe(state: Any) -> Any:
+    """`state` with each tensor replaced by a meta tensor of its shape and dtype: what `HostStager.reserve`
+    needs to allocate a snapshot's buffers, holding no memory and no reference to the live tensors. Tensors
+    shared in `state` (tied weights) stay shared, so the reservation takes the keys a snapshot takes."""
+    return _map_tensors(state, (), lambda value, key: torch.empty(value.shape, dtype=value.dtype, device="meta"))
 
 
 def storage_address(tensor: torch.Tensor) -> int:
