@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one go (under 10 minutes: each part has its own timeout): the HF Trainer with
 # FSDP2/FSDP1 (sharded and full state dict) and DeepSpeed ZeRO-1/2/3 through the callback
-# (tests/hf/test_sharded_gpu.py, which skips every case without CUDA), then the GPU benchmark guard (benchmarks/gpu.py: pinned staging, stall per save, bitwise
-# resume with CUDA RNG) when this branch has it.
+# (tests/hf/test_sharded_gpu.py, which skips every case without CUDA), then the GPU benchmark guard
+# (benchmarks/gpu.py: pinned staging, stall per save, bitwise resume with CUDA RNG) when this branch has it.
 #
 #   PYTHON=/path/to/python bash scripts/gpu_checks.sh      # default: .venv/bin/python, else python3
 #
