@@ -563,6 +563,8 @@ class CheckpointCallbackLogic:
         assert self._sharded_save is not None
         background = self.args.async_save
         with trainer.profiler.profile("save_checkpoint"):
+            # The previous save is durable before its host copy is overwritten (and commits run one at a time).
+            self.manager.wait()
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.args.save_only_model)
             write = self._sharded_save.files_writer(checkpoint, stage=background)
             self.run.save_written(step, write, states=[CHECKPOINT_FILE], epoch=_fractional_epoch(trainer),

@@ -83,7 +83,7 @@ def full_values(trainer: Any) -> dict[str, torch.Tensor]:
 
 def _local(value: Any) -> Any:
     local = value.to_local() if hasattr(value, "to_local") else value
-    return local.detach().clone() if isinstance(local, torch.Tensor) else local
+    return local.detach().cpu().clone() if isinstance(local, torch.Tensor) else local
 
 
 def killer(ns: Any, at_step: int, rank: int) -> Any:
@@ -113,16 +113,25 @@ def started_marker(ns: Any, path: Path) -> Any:
     return Started()
 
 
-def train(order: dict[str, Any], root: Path, rank: int) -> None:
-    from lightning.pytorch.strategies import ModelParallelStrategy
+def make_strategy(order: dict[str, Any], world_size: int) -> Any:
+    """`ModelParallelStrategy` (FSDP2 in `configure_model`; `"distributed_checkpoint": False` for full state), or
+    `FSDPStrategy` (`"strategy": "fsdp"`, with `"state_dict_type"`; Lightning runs it on CUDA only)."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+    if order.get("strategy", "model_parallel") == "fsdp":
+        return FSDPStrategy(state_dict_type=order.get("state_dict_type", "sharded"))
+    return ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
+                                 save_distributed_checkpoint=order.get("distributed_checkpoint", True))
+
+
+def train(order: dict[str, Any], root: Path, rank: int) -> None:
     from ckpt_callbacks import CheckpointArguments
 
     ns = namespace(NAMESPACE)
     world_size = int(order["world_size"])
     seed = int(order.get("seed", 0))
     seed_everything(seed)
-    module = sharded_tiny_class()()
+    module = sharded_tiny_class()() if order.get("strategy", "model_parallel") == "model_parallel" else ns.Tiny()
     flags = {"output_dir": order["output_dir"], "export_at_end": False, **order.get("flags", {})}
     arguments = CheckpointArguments(**flags)
     callback = ns.adapter.CheckpointCallback(arguments)
@@ -132,9 +141,9 @@ def train(order: dict[str, Any], root: Path, rank: int) -> None:
     if order.get("signal_at_step") is not None:
         signalled_rank, step = order["signal_at_step"]
         callbacks.insert(0, signaller(ns, int(step), int(signalled_rank)))
-    strategy = ModelParallelStrategy(data_parallel_size=world_size, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=order.get("distributed_checkpoint", True))
-    trainer = ns.pl.Trainer(default_root_dir=str(root), accelerator="cpu", devices=world_size, strategy=strategy,
+    strategy = make_strategy(order, world_size)
+    trainer = ns.pl.Trainer(default_root_dir=str(root), accelerator=order.get("accelerator", "cpu"), devices=world_size,
+                            strategy=strategy,
                             callbacks=callbacks, plugins=[ns.adapter.CheckpointIOPlugin(arguments)], logger=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             max_epochs=2, max_steps=int(order.get("max_steps", -1)))
@@ -174,7 +183,23 @@ def run_rank(order: dict[str, Any], root: Path, rank: int, port: int) -> None:
         os._exit(code)
 
 
+def prepare(order: dict[str, Any]) -> None:
+    """Before the ranks start: copy a run folder (`"copy": [source, target]`) and flip one byte in the middle of a
+    file (`"flip": path`), keeping its size (only a checksum tells)."""
+    import shutil
+
+    if order.get("copy"):
+        source, target = order["copy"]
+        shutil.copytree(source, target)
+    if order.get("flip"):
+        path = Path(order["flip"])
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
 def run_order(order: dict[str, Any], root: Path, rng: Any) -> dict[str, Any]:
+    prepare(order)
     port = free_port()
     pids: list[int] = []
     for rank in range(int(order["world_size"])):
