@@ -105,10 +105,12 @@ def signaller(ns: Any, at_step: int, rank: int) -> Any:
 
 
 def started_marker(ns: Any, path: Path) -> Any:
+    """Rank 0 writes the step training starts at (after a resume) to `path`."""
+
     class Started(ns.pl.Callback):  # type: ignore[name-defined,misc]
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if trainer.global_rank == 0:
-                path.touch()
+                path.write_text(str(trainer.global_step))
 
     return Started()
 
@@ -131,7 +133,9 @@ def train(order: dict[str, Any], root: Path, rank: int) -> None:
     world_size = int(order["world_size"])
     seed = int(order.get("seed", 0))
     seed_everything(seed)
-    module = sharded_tiny_class()() if order.get("strategy", "model_parallel") == "model_parallel" else ns.Tiny()
+    val_losses = tuple(order["val_losses_per_rank"][rank]) if order.get("val_losses_per_rank") else ()
+    module_class = sharded_tiny_class() if order.get("strategy", "model_parallel") == "model_parallel" else ns.Tiny
+    module = module_class(val_losses=val_losses)
     flags = {"output_dir": order["output_dir"], "export_at_end": False, **order.get("flags", {})}
     arguments = CheckpointArguments(**flags)
     callback = ns.adapter.CheckpointCallback(arguments)
@@ -146,7 +150,7 @@ def train(order: dict[str, Any], root: Path, rank: int) -> None:
                             strategy=strategy,
                             callbacks=callbacks, plugins=[ns.adapter.CheckpointIOPlugin(arguments)], logger=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                            max_epochs=2, max_steps=int(order.get("max_steps", -1)))
+                            max_epochs=int(order.get("max_epochs", 2)), max_steps=int(order.get("max_steps", -1)))
     result: dict[str, Any] = {}
     try:
         trainer.fit(module, train_loader(), val_loader(), ckpt_path=order.get("ckpt_path"))
@@ -198,8 +202,29 @@ def prepare(order: dict[str, Any]) -> None:
         path.write_bytes(bytes(data))
 
 
+def inspect(run: Path) -> dict[str, Any]:
+    """What a reader of `run` sees now: every `checkpoint-*` name, the ones without a manifest, the problems a
+    checksum verification finds in the others, the newest committed step, and the leftovers of interrupted writes."""
+    from ckpt_callbacks.core.format import layout
+    from ckpt_callbacks.core.read.catalog import read_checkpoint_info
+    from ckpt_callbacks.core.read.verify import find_problems
+
+    names = sorted(os.listdir(run)) if run.is_dir() else []
+    visible = [name for name in names if layout.parse_checkpoint_step(name) is not None]
+    without_manifest = [name for name in visible if not (run / name / layout.MANIFEST_NAME).is_file()]
+    problems = {name: [str(problem) for problem in find_problems(run / name, read_checkpoint_info(run / name).manifest,
+                                                                 "checksum")]
+                for name in visible if name not in without_manifest}
+    steps = [layout.parse_checkpoint_step(name) for name in visible if name not in without_manifest]
+    return {"visible": visible, "without_manifest": without_manifest, "problems": problems,
+            "newest": max((step for step in steps if step is not None), default=0),
+            "leftovers": [name for name in names if layout.is_leftover(name)]}
+
+
 def run_order(order: dict[str, Any], root: Path, rng: Any) -> dict[str, Any]:
     prepare(order)
+    if order.get("steps_after_last") is not None:  # train this many steps past the newest committed checkpoint
+        order = {**order, "max_steps": inspect(Path(order["output_dir"]))["newest"] + int(order["steps_after_last"])}
     port = free_port()
     pids: list[int] = []
     for rank in range(int(order["world_size"])):
@@ -214,7 +239,7 @@ def run_order(order: dict[str, Any], root: Path, rng: Any) -> dict[str, Any]:
         pids.append(pid)
     killed_after = None
     started = root / f"{order['name']}.started"
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + float(order.get("timeout", TIMEOUT))
     if order.get("kill_after") is not None:
         while not started.exists() and time.monotonic() < deadline and not _any_exited(pids):
             time.sleep(0.01)
@@ -223,7 +248,11 @@ def run_order(order: dict[str, Any], root: Path, rng: Any) -> dict[str, Any]:
         time.sleep(killed_after)
         _kill_group(pids[0])
     statuses = [_wait(pid, deadline) for pid in pids]
-    return {"statuses": statuses, "killed_after": killed_after}
+    start = started.read_text() if started.exists() else None
+    report = {"statuses": statuses, "killed_after": killed_after, "start_step": None if start is None else int(start)}
+    if order.get("inspect"):
+        report["after"] = inspect(Path(order["output_dir"]))
+    return report
 
 
 def _any_exited(pids: list[int]) -> bool:
