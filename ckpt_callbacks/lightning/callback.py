@@ -40,6 +40,7 @@ import os
 import sys
 import warnings
 import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -634,7 +635,7 @@ class CheckpointCallbackLogic:
             if self.args.load_best_model_at_end:
                 self._load_best_through_strategy(trainer)
             if self.args.export_at_end and self.run.export_dir is not None:
-                weights = full_model_state_dict(model)  # whole tensors on global rank 0, {} elsewhere
+                weights = _whole_weights_of(model, trainer, full_model_state_dict)
         export = ExportSource(state_dict=lambda: weights, pretrained_objects=pretrained)
         self.run.end(export=export, is_exporting_rank=trainer.is_global_zero)
 
@@ -796,6 +797,20 @@ def exportable_model(pl_module: torch.nn.Module) -> tuple[torch.nn.Module, list[
     if generation_config is not None and callable(getattr(generation_config, "save_pretrained", None)):
         objects.append(generation_config)
     return model, objects
+
+
+def _whole_weights_of(model: torch.nn.Module, trainer: Any,
+                      gather: Callable[[torch.nn.Module], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`model`'s weights (the LightningModule or the Hugging Face model it wraps) as whole tensors on global rank 0
+    (`{}` elsewhere): gathered from the strategy's root module (FSDP1 wraps the LightningModule from outside; FSDP2
+    shards it in place), a collective on every rank."""
+    pl_module = trainer.lightning_module
+    root = trainer.strategy.model if trainer.strategy.model is not None else pl_module
+    weights = gather(root)
+    if model is pl_module:
+        return weights
+    prefix = next(f"{name}." for name, child in pl_module.named_children() if child is model)
+    return {name.removeprefix(prefix): value for name, value in weights.items() if name.startswith(prefix)}
 
 
 def _parameter_count(module: torch.nn.Module) -> int:

@@ -72,7 +72,8 @@ def local_values(trainer: Any) -> dict[str, Any]:
 
 def full_values(trainer: Any) -> dict[str, torch.Tensor]:
     """Whole weights and optimizer state (every rank calls it; rank 0 gets them), comparable across world sizes."""
-    model_state, optimizer_state = get_state_dict(trainer.lightning_module, trainer.optimizers[0],
+    root = trainer.strategy.model  # FSDP1 wraps the LightningModule from outside; FSDP2 shards it in place
+    model_state, optimizer_state = get_state_dict(root, trainer.optimizers[0],
                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     values = {f"model.{name}": value for name, value in model_state.items()}
     for fqn, state in optimizer_state.get("state", {}).items():

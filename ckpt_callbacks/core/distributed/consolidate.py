@@ -44,7 +44,8 @@ def _owning_their_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         if tensor.untyped_storage().nbytes() == tensor.nbytes:
             owned[name] = tensor
             continue
-        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        view = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape),
+                tuple(tensor.stride()))
         if view not in copies:
             copies[view] = tensor.clone()
         owned[name] = copies[view]
