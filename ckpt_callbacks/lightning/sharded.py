@@ -131,10 +131,12 @@ class ShardedSave:
 
             target = folder / CHECKPOINT_FILE
             target.mkdir(parents=True, exist_ok=True)
+            # DCP's own fsync of each file is left out: the commit fsyncs every file once, before publishing.
+            writer = dcp.FileSystemWriter(str(target), sync_files=False)
             if collective.world_size > 1:
-                dcp.save(shards, checkpoint_id=str(target), process_group=getattr(collective, "group", None))
+                dcp.save(shards, storage_writer=writer, process_group=getattr(collective, "group", None))
             else:
-                dcp.save(shards, checkpoint_id=str(target), no_dist=True)
+                dcp.save(shards, storage_writer=writer, no_dist=True)
             if metadata is not None:
                 (target / self.support.metadata_file).write_bytes(metadata)
 
