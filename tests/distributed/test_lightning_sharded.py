@@ -234,6 +234,8 @@ def more_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         {"name": "full-killed", "world_size": 2, "output_dir": str(root / "full"), "kill_at_step": 7, **full},
         {"name": "full-resumed", "world_size": 2, "output_dir": str(root / "full"), "ckpt_path": "last",
          "seed": 12345, **full},
+        {"name": "full-one-process", "world_size": 1, "output_dir": str(root / "full-one-process"),
+         "ckpt_path": str(root / "full" / f"checkpoint-{FINAL_STEP}" / "checkpoint.ckpt"), **full},
         {"name": "full-damaged", "world_size": 2, "output_dir": str(root / "full-damaged"), "ckpt_path": "last",
          "copy": [str(root / "full"), str(root / "full-damaged")],
          "flip": str(root / "full-damaged" / f"checkpoint-{FINAL_STEP}" / "checkpoint.ckpt"), **full},
@@ -270,6 +272,15 @@ def test_full_state_dicts_go_through_the_plugin_and_resume_exactly_after_a_sigki
         assert resumed["resumed_from"] in (4, 6) and resumed["global_step"] == FINAL_STEP
         assert tensors_equal(resumed["local"], reference["local"]), f"rank {rank}: weights/optimizer/scheduler differ"
         assert tensors_equal(resumed["rng"], reference["rng"]), f"rank {rank}: RNG stream did not continue"
+
+
+@pytest.mark.slow
+def test_a_full_state_checkpoint_of_two_processes_resumes_on_one_with_the_same_values(more_runs: Path) -> None:
+    assert statuses(more_runs, "full-one-process") == [0]
+    saved, loaded = result(more_runs, "full-resumed", 0)["full"], result(more_runs, "full-one-process", 0)["full"]
+    assert sorted(loaded) == sorted(saved)
+    for key in saved:
+        assert torch.equal(loaded[key], saved[key]), key
 
 
 @pytest.mark.slow
