@@ -94,6 +94,8 @@ class CheckpointManager:
         self.protect_resumed_from = True
         self._saver = Saver(async_save=self.args.async_save and self.engine_class.supports_host_staging,
                             max_in_flight=self.args.max_in_flight, on_save_error=self.args.on_save_error)
+        self._background_saver: Saver | None = None  # `save_written(background=True)`, made when first used
+        self._last_saver = self._saver
         self._open_transaction: Transaction | None = None
         self._prepared_for_writing = False
         self._best_known = False
@@ -165,7 +167,10 @@ class CheckpointManager:
         if step < 0:
             raise ValueError(f"step={step} must be >= 0.")
         started = time.perf_counter()
+        if self._background_saver is not None:
+            self._background_saver.wait()  # one commit at a time: both writers' collectives use the same group
         self._saver.make_room()
+        self._last_saver = self._saver
         self._prepare_for_writing()  # on the caller's thread, so the cleanup cannot race with later work
         tx = Transaction(self, step, epoch)
         tx.started = started
@@ -213,20 +218,26 @@ class CheckpointManager:
         epoch: float | None = None,
         metrics: Mapping[str, Any] | None = None,
         metadata: Mapping[str, Any] | None = None,
+        background: bool = False,
     ) -> None:
         """Commit a checkpoint whose files a framework writes itself: `write_files(staging_folder)` is called on
         every rank (it may be collective, e.g. a DCP save of a sharded model) and writes into the hidden staging
         folder; then, as for every save, the files are fsynced, sealed in a manifest and published atomically as
-        `checkpoint-{step}`, and retention runs. Synchronous: the framework writes live state. `states` names what
-        was written (`manifest.states`), or is a function naming it from the staging folder once `write_files`
-        returned (rank 0's answer is sealed); the manager's engine is recorded as the one that reads it back.
+        `checkpoint-{step}`, and retention runs. Synchronous by default: the framework writes live state. `states`
+        names what was written (`manifest.states`), or is a function naming it from the staging folder once
+        `write_files` returned (rank 0's answer is sealed); the manager's engine is recorded as the one that reads
+        it back.
+
+        `background=True` (honoured with `async_save`): `write_files` reads only a copy the caller already made
+        (e.g. host copies of the shards), so the writing and the commit run on the writer thread, as an async save
+        (`wait()` makes it durable). Its collectives run there, on the manager's own group, one save at a time.
 
         Example:
             >>> manager.save_written(40, lambda folder: trainer.save_checkpoint(folder / "checkpoint.ckpt"),
             ...                      states=["checkpoint.ckpt"], epoch=1.0)
         """
         started = time.perf_counter()  # the wait below is time the caller spends on checkpointing too
-        self.wait()  # every earlier async save is committed first: checkpoints appear in step order
+        self.wait()  # every earlier save is committed first: checkpoints appear in step order, one commit at a time
         self._prepare_for_writing()
         numeric = {str(k): float(v) for k, v in (metrics or {}).items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -239,7 +250,19 @@ class CheckpointManager:
             engine_class=self.engine_class, engine_config=self.engine_config, store=self.store,
             collective=self.collective, provenance=self._provenance_once(), expected_size=self._expected_size(),
             started=started, write_files=write, states=named)
-        self._saver.run_inline(step, partial(self._commit_and_retain, request), started=started)
+        job = partial(self._commit_and_retain, request)
+        if background and self.args.async_save:
+            self._last_saver = self._written_saver()
+            self._last_saver.submit(step, job, started=started)
+        else:
+            self._last_saver = self._saver
+            self._saver.run_inline(step, job, started=started)
+
+    def _written_saver(self) -> Saver:
+        """The writer of `save_written(background=True)`: async whatever the engine (the caller staged the copy)."""
+        if self._background_saver is None:
+            self._background_saver = Saver(async_save=True, max_in_flight=1, on_save_error=self.args.on_save_error)
+        return self._background_saver
 
     def prepare_staging(self, state: Mapping[str, Any], *, name: str | None = None) -> None:
         """Allocate, in the background, the host buffers the next async save of `state` will copy into, so the
@@ -268,11 +291,15 @@ class CheckpointManager:
     def wait(self) -> None:
         """Block until every async save is durable; raise if one failed (log it with `on_save_error="warn"`)."""
         self._saver.wait()
+        if self._background_saver is not None:
+            self._background_saver.wait()
 
     def close(self) -> None:
         """Flush pending saves and release the output folder."""
         try:
             self._saver.close()
+            if self._background_saver is not None:
+                self._background_saver.close()
         finally:
             self.preemption.uninstall()
             self.store.release_writer_lock()
@@ -286,11 +313,11 @@ class CheckpointManager:
 
     @property
     def is_saving(self) -> bool:
-        return self._saver.is_saving
+        return self._saver.is_saving or (self._background_saver is not None and self._background_saver.is_saving)
 
     @property
     def last_save(self) -> SaveStats | None:
-        return self._saver.last_save
+        return self._last_saver.last_save
 
     # The transaction's side (`TransactionOwner`).
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckpt_callbacks.config import CheckpointArguments
+from ckpt_callbacks.core.distributed.collective import Collective
 from ckpt_callbacks.core.export import check_export_target, export_safetensors
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.manager import CheckpointManager
@@ -317,12 +318,14 @@ class RunController:
 
     def save_written(self, step: int, write_files: Callable[[Path], None], *,
                      states: Iterable[str] | Callable[[Path], Iterable[str]], epoch: float | None,
-                     metrics: Mapping[str, Any] | None = None) -> None:
+                     metrics: Mapping[str, Any] | None = None, background: bool = False) -> None:
         """`save` for a checkpoint whose files the framework writes itself (`CheckpointManager.save_written`, on
-        every rank): the same metrics recorded, the same commit, retention and reporting; synchronous."""
+        every rank): the same metrics recorded, the same commit, retention and reporting; synchronous unless
+        `background` (the caller made a copy the writer thread reads)."""
         self.check_metric_logged()
         recorded = {**_numeric(metrics or {}), **self.metrics_at(step)}
-        self.manager.save_written(step, write_files, states=states, epoch=epoch, metrics=recorded)
+        self.manager.save_written(step, write_files, states=states, epoch=epoch, metrics=recorded,
+                                  background=background)
         if self.manager.last_save is not None:
             self.unreported_saves.append(self.manager.last_save)
 
@@ -450,11 +453,13 @@ class RunController:
         return list(find_problems(store.local_dir(info.name), info.manifest, mode))
 
     def agreed_resume_path(self, requested: str | int | os.PathLike[str], *, accept_foreign: bool = False,
-                           read_ahead: Callable[[str], None] | None = None, fallback: bool | None = None) -> str:
+                           read_ahead: Callable[[str], None] | None = None, fallback: bool | None = None,
+                           collective: Collective | None = None) -> str:
         """`resume_path` with several processes (every rank calls it): rank 0 reads and checksums the files once
         and broadcasts its verdict, so every rank resumes from the same checkpoint or raises the same error (none
-        is left waiting in training). The other ranks start their read-ahead once the choice is known."""
-        collective = self.manager.collective
+        is left waiting in training). The other ranks start their read-ahead once the choice is known.
+        `collective`: the processes that agree, when they are not the manager's (its saves run on one rank)."""
+        collective = collective if collective is not None else self.manager.collective
         if collective.world_size == 1:
             return self.resume_path(requested, accept_foreign=accept_foreign, read_ahead=read_ahead, fallback=fallback)
         verdict: tuple[str | None, Exception | None] | None = None

@@ -40,6 +40,7 @@ import os
 import sys
 import warnings
 import weakref
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from typing import Any
 import torch
 
 from ckpt_callbacks.config import CheckpointArguments
+from ckpt_callbacks.core.distributed.collective import Collective, SingleProcess
 from ckpt_callbacks.core.manager import CheckpointManager
 from ckpt_callbacks.core.read.catalog import LAST, CheckpointInfo
 from ckpt_callbacks.core.run import (
@@ -68,6 +70,15 @@ from ckpt_callbacks.lightning.plugin import (
     make_run_manager,
     parse_committed_path,
     run_key,
+)
+from ckpt_callbacks.lightning.sharded import (
+    SHARDED_ENGINE,
+    ShardedSave,
+    StrategySupport,
+    collective_of,
+    stop_verifying,
+    strategy_support,
+    verify_before_loading,
 )
 
 logger = logging.getLogger("ckpt_callbacks")
@@ -117,6 +128,10 @@ class CheckpointCallbackLogic:
         self._trainer: Any = None
         self._plugin: CheckpointIOLogic | None = None
         self._active = False
+        self._support: StrategySupport | None = None  # set at setup: how the Trainer's strategy is served
+        self._collective: Collective | None = None  # the Trainer's processes, for a strategy that loads itself
+        self._collective_of_group: Any = None  # the process group `_collective` was made for
+        self._sharded_save: ShardedSave | None = None
         self._reset_run_state()
 
     def _reset_run_state(self) -> None:
@@ -152,13 +167,15 @@ class CheckpointCallbackLogic:
     # arguments and the data position travel, and the run is re-created lazily.
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("_runs", "_trainer", "_plugin", "_fs", "_restored_checkpoint"):
+        for name in ("_runs", "_trainer", "_plugin", "_fs", "_restored_checkpoint", "_collective",
+                     "_collective_of_group", "_sharded_save"):
             state.pop(name, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._runs, self._trainer, self._plugin, self._restored_checkpoint = {}, None, None, None
+        self._collective, self._collective_of_group, self._sharded_save = None, None, None
         self._fs = _filesystem(self.dirpath or "")
 
     @property
@@ -194,8 +211,12 @@ class CheckpointCallbackLogic:
     def _run_for(self, folder: Path | str) -> RunController:
         key = run_key(folder)
         if key not in self._runs:
-            self._runs[key] = RunController(make_run_manager(self.args, folder), agree=self._agreement(),
-                                            conventions=LIGHTNING_CONVENTIONS)
+            if self._sharded_save is not None:  # every rank writes its shard: a collective commit, read back by dcp
+                manager = make_run_manager(self.args, folder, engine=SHARDED_ENGINE,
+                                           collective=self._sharded_save.collective)
+            else:
+                manager = make_run_manager(self.args, folder)
+            self._runs[key] = RunController(manager, agree=self._agreement(), conventions=LIGHTNING_CONVENTIONS)
         return self._runs[key]
 
     @property
@@ -348,6 +369,7 @@ class CheckpointCallbackLogic:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         _check_lightning_version(trainer)
         self._trainer = trainer
+        self._serve_strategy(trainer)
         if stage != "fit":
             return
         # fast_dev_run checks the code, as with ModelCheckpoint: nothing is saved, locked or exported
@@ -428,7 +450,7 @@ class CheckpointCallbackLogic:
         if step == self._last_step_seen:
             return  # accumulating gradients: no optimizer step ended
         self._last_step_seen = step
-        if self.run.flush_deferred():
+        if self._agreed(trainer, self.run.flush_deferred()):
             self._save(trainer)
         decision = self.run.step_ended(step, validation_follows=_validation_follows(trainer),
                                        epoch_ends=_epoch_ends(trainer))
@@ -441,13 +463,14 @@ class CheckpointCallbackLogic:
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if trainer.sanity_checking or not _fitting(trainer) or not self._active:
             return
-        if self.run.evaluated(trainer.global_step, self._metrics_now(trainer), epoch_ends=_epoch_ends(trainer)):
+        due = self.run.evaluated(trainer.global_step, self._metrics_now(trainer), epoch_ends=_epoch_ends(trainer))
+        if self._agreed(trainer, due):
             self._save(trainer)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._active:
             return
-        if self.run.flush_deferred():
+        if self._agreed(trainer, self.run.flush_deferred()):
             self._save(trainer)
         if self.run.epoch_ended():
             self._save(trainer)
@@ -456,15 +479,18 @@ class CheckpointCallbackLogic:
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._active:
             return
-        if self.run.flush_deferred():
+        if self._agreed(trainer, self.run.flush_deferred()):
             self._save(trainer)
         if self.run.train_ended(trainer.global_step):
             self._save(trainer)
         self.manager.wait()  # surface a failed background write now, and let best_model_path see every save
         self._announce_saves(trainer)
         trainer.strategy.barrier("ckpt_callbacks.on_train_end")
-        load_best = {CHECKPOINT_FILE: _ModelInTrainer(trainer)} if self.args.load_best_model_at_end else None
         model, pretrained = exportable_model(pl_module)
+        if self._support is not None and self._support.loads_itself:
+            self._end_through_strategy(trainer, model, pretrained)
+            return
+        load_best = {CHECKPOINT_FILE: _ModelInTrainer(trainer)} if self.args.load_best_model_at_end else None
         export = ExportSource(state_dict=model.state_dict, pretrained_objects=pretrained)
         self.run.end(load_best_into=load_best, export=export, is_exporting_rank=trainer.is_global_zero)
 
@@ -473,10 +499,15 @@ class CheckpointCallbackLogic:
         # for resume (docs/migration.md).
         if self._runs:
             self.run.preemption.uninstall()
+        stop_verifying(trainer.strategy)
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self._runs:
             self.run.preemption.uninstall()
+        stop_verifying(trainer.strategy)
+        if self._support is not None and self._support.loads_itself and self._plugin is not None:
+            # ModelParallelStrategy's teardown never reaches CheckpointIO.teardown: flush and release here
+            self._plugin.teardown()
 
     # ------------------------------------------------------------------ internals
 
@@ -518,10 +549,106 @@ class CheckpointCallbackLogic:
         step = trainer.global_step
         if self.run.policy.last_saved_step == step:
             return
-        path = committed_checkpoint_path(self.output_dir, step)
-        self._plugin.expect_save(path, epoch=_fractional_epoch(trainer), metrics=self._metrics_now(trainer))
-        trainer.save_checkpoint(path, weights_only=self.args.save_only_model)
+        if self._sharded_save is not None:
+            self._save_sharded(trainer, step)
+        else:
+            path = committed_checkpoint_path(self.output_dir, step)
+            self._plugin.expect_save(path, epoch=_fractional_epoch(trainer), metrics=self._metrics_now(trainer))
+            trainer.save_checkpoint(path, weights_only=self.args.save_only_model)
         self.run.saved(step)  # every rank: Lightning writes on rank 0 only, but all ranks must agree what is saved
+
+    def _save_sharded(self, trainer: Any, step: int) -> None:
+        """Every rank: Lightning's checkpoint dict (its hooks run as for `trainer.save_checkpoint`), written in the
+        strategy's own sharded layout into the staging folder and committed by the run (`save_written`). With
+        `async_save` the training waits only for the host copy of the shards."""
+        assert self._sharded_save is not None
+        background = self.args.async_save
+        with trainer.profiler.profile("save_checkpoint"):
+            # The previous save is durable before its host copy is overwritten (and commits run one at a time).
+            self.manager.wait()
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.args.save_only_model)
+            write = self._sharded_save.files_writer(checkpoint, stage=background)
+            self.run.save_written(step, write, states=[CHECKPOINT_FILE], epoch=_fractional_epoch(trainer),
+                                  metrics=self._metrics_now(trainer), background=background)
+
+    def _serve_strategy(self, trainer: Any) -> None:
+        """How the Trainer's strategy is served (`lightning/sharded.py`): refused when it writes its checkpoints in
+        a way this library cannot commit (DeepSpeed, XLA); for one that loads (and may save) checkpoints itself,
+        the Trainer's processes get a collective of their own (every rank is here), the run folders a manager
+        that commits what every rank writes, and the strategy's `load_checkpoint` a verification first."""
+        support = strategy_support(trainer.strategy)
+        self._support = support
+        if not support.loads_itself:
+            self._use_managers(sharded=None)
+            return
+        self._collective = self._collective_for(trainer)
+        self._use_managers(sharded=ShardedSave(support, self._collective) if support.sharded else None)
+        verify_before_loading(trainer.strategy, self._verified_path)
+
+    def _collective_for(self, trainer: Any) -> Collective:
+        import torch.distributed as dist
+
+        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        if self._collective is None or group is not self._collective_of_group:
+            self._collective, self._collective_of_group = collective_of(trainer), group
+        return self._collective
+
+    def _use_managers(self, *, sharded: ShardedSave | None) -> None:
+        """Keep the run controllers whose manager fits the strategy (made before setup, they only read), close the
+        others; new ones are made on demand with `sharded`'s collective."""
+        self._sharded_save = sharded
+        for key, run in list(self._runs.items()):
+            manager = run.manager
+            fits = (manager.engine_class.name == SHARDED_ENGINE and manager.collective is sharded.collective
+                    if sharded is not None else isinstance(manager.collective, SingleProcess))
+            if not fits:
+                manager.close()
+                del self._runs[key]
+
+    def _verified_path(self, path: str) -> str:
+        """What a strategy that loads checkpoints itself reads instead of `path`: for one of this library's
+        checkpoints, the same folder once rank 0 has checksummed every file (shards included) and every rank has
+        its verdict (`RunController.agreed_resume_path`: the same error on every rank when a file is damaged,
+        naming it). Any other path is left to Lightning, as it is."""
+        committed = parse_committed_path(path)
+        if committed is None:
+            return path
+        run_dir, _, name = committed
+        collective = self._collective if self._collective is not None else SingleProcess()
+        folder = self._run_for(_folder(run_dir)).agreed_resume_path(os.path.dirname(path), collective=collective)
+        return join_path(folder, name)
+
+    def _agreed(self, trainer: Any, due: bool) -> bool:
+        """Whether a save is due on every rank. A sharded save is collective, so under `save_strategy="best"`
+        (a rank's own metrics decide) any rank's due save is every rank's, as `ModelCheckpoint` decides."""
+        if self._sharded_save is None or self.args.save_strategy != "best" or trainer.world_size <= 1:
+            return due
+        return bool(trainer.strategy.reduce_boolean_decision(due, all=False))
+
+    def _end_through_strategy(self, trainer: Any, model: torch.nn.Module, pretrained: list[Any]) -> None:
+        """The end of training under a strategy that loads itself: the best weights are loaded by the strategy
+        (verified first), and the export gathers whole tensors from the shards to global rank 0 (a collective)."""
+        from ckpt_callbacks.core.distributed.consolidate import full_model_state_dict
+
+        weights: dict[str, torch.Tensor] = {}
+        if not self.run.stopped_by_signal:
+            if self.args.load_best_model_at_end:
+                self._load_best_through_strategy(trainer)
+            if self.args.export_at_end and self.run.export_dir is not None:
+                weights = _whole_weights_of(model, trainer, full_model_state_dict)
+        export = ExportSource(state_dict=lambda: weights, pretrained_objects=pretrained)
+        self.run.end(export=export, is_exporting_rank=trainer.is_global_zero)
+
+    def _load_best_through_strategy(self, trainer: Any) -> None:
+        best = self.run.best_checkpoint()
+        collective = self._collective if self._collective is not None else SingleProcess()
+        path = collective.broadcast_object(_checkpoint_file(best) or None)  # global rank 0 chooses for every rank
+        if path is None:
+            logger.warning("load_best_model_at_end: no checkpoint has a value of %r; keeping the final weights. "
+                           "Evaluate at the save steps.", self.manager.metric_rule.key)
+            return
+        trainer.strategy.load_checkpoint(path)  # verified first (`_verified_path`); the model as the strategy loads it
+        logger.info("Loaded the best weights from %s.", path)
 
     def _announce_saves(self, trainer: Any) -> None:
         """`logger.after_save_checkpoint` for each save once it is durable (on the training thread, as stock).
@@ -670,6 +797,20 @@ def exportable_model(pl_module: torch.nn.Module) -> tuple[torch.nn.Module, list[
     if generation_config is not None and callable(getattr(generation_config, "save_pretrained", None)):
         objects.append(generation_config)
     return model, objects
+
+
+def _whole_weights_of(model: torch.nn.Module, trainer: Any,
+                      gather: Callable[[torch.nn.Module], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`model`'s weights (the LightningModule or the Hugging Face model it wraps) as whole tensors on global rank 0
+    (`{}` elsewhere): gathered from the strategy's root module (FSDP1 wraps the LightningModule from outside; FSDP2
+    shards it in place), a collective on every rank."""
+    pl_module = trainer.lightning_module
+    root = trainer.strategy.model if trainer.strategy.model is not None else pl_module
+    weights = gather(root)
+    if model is pl_module:
+        return weights
+    prefix = next(f"{name}." for name, child in pl_module.named_children() if child is model)
+    return {name.removeprefix(prefix): value for name, value in weights.items() if name.startswith(prefix)}
 
 
 def _parameter_count(module: torch.nn.Module) -> int:

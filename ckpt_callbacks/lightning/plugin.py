@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckpt_callbacks.config import CheckpointArguments
-from ckpt_callbacks.core.distributed.collective import SingleProcess
+from ckpt_callbacks.core.distributed.collective import Collective, SingleProcess
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.format.single_file import is_url, load_torch_file, remove_file, save_torch_file
 from ckpt_callbacks.core.manager import CheckpointManager
@@ -76,14 +76,17 @@ def parse_committed_path(path: str | os.PathLike[str]) -> tuple[str, int, str] |
     return run_dir, step, name
 
 
-def make_run_manager(args: CheckpointArguments, output_dir: str | os.PathLike[str]) -> CheckpointManager:
+def make_run_manager(args: CheckpointArguments, output_dir: str | os.PathLike[str], *, engine: str = ENGINE,
+                     collective: Collective | None = None) -> CheckpointManager:
     """The manager of one run folder as the Lightning adapter uses it.
 
-    Lightning calls `CheckpointIO` on global rank 0 only, so the manager must not run collectives.
+    Lightning calls `CheckpointIO` on global rank 0 only, so by default the manager runs no collectives; a sharded
+    strategy's saves are collective (every rank writes its shard), with the Trainer's `collective` and the `dcp`
+    engine that reads them back.
     """
     # save_only_model is Lightning's weights_only dict here: the manager must keep the one piece it is given.
     run_args = args.replace(output_dir=os.fspath(output_dir), engine=None, save_only_model=False)
-    return CheckpointManager(run_args, engine=ENGINE, collective=SingleProcess())
+    return CheckpointManager(run_args, engine=engine, collective=collective if collective is not None else SingleProcess())
 
 
 def run_key(output_dir: str | os.PathLike[str]) -> str:

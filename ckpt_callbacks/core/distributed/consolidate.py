@@ -31,7 +31,25 @@ def full_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    return _owning_their_storage({name: value for name, value in state.items() if isinstance(value, torch.Tensor)})
+
+
+def _owning_their_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor in a storage of its own size, as a model in one process holds its weights. A weight that FSDP2
+    sharded unevenly comes back gathered into a padded buffer (a (1, 16) weight over 2 ranks: a (2, 16) storage),
+    and the export's index counts storage bytes (`total_size`). Tied weights (the same view twice) stay one tensor."""
+    copies: dict[tuple[int, int, tuple[int, ...], tuple[int, ...]], torch.Tensor] = {}
+    owned = {}
+    for name, tensor in state.items():
+        if tensor.untyped_storage().nbytes() == tensor.nbytes:
+            owned[name] = tensor
+            continue
+        view = (tensor.untyped_storage().data_ptr(), int(tensor.storage_offset()), tuple(tensor.shape),
+                tuple(tensor.stride()))
+        if view not in copies:
+            copies[view] = tensor.clone()
+        owned[name] = copies[view]
+    return owned
 
 
 def export_consolidated(
