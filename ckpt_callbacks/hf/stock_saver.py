@@ -43,6 +43,7 @@ from ckpt_callbacks.config import CheckpointArguments
 from ckpt_callbacks.core.distributed.collective import Collective
 from ckpt_callbacks.core.format import layout
 from ckpt_callbacks.core.format.engines.hf_engine import HFEngine
+from ckpt_callbacks.core.storage.durable import move_entries_up
 from ckpt_callbacks.hf.capture import refresh_stateful_callbacks, saved_state_dict
 
 __all__ = [
@@ -142,9 +143,7 @@ def write_checkpoint(trainer: Any, model: Any, trial: Any, staging: Path, *, col
         trainer_state = written / layout.HF_TRAINER_STATE_FILE
         if trainer_state.is_file():  # the rank that saves the Trainer state wrote it, with the staging path in it
             trainer.state.save_to_json(str(trainer_state))
-        for entry in os.listdir(written):
-            os.replace(written / entry, staging / entry)
-        os.rmdir(written)
+        move_entries_up(written)
 
 
 def pieces_written(folder: Path) -> list[str]:

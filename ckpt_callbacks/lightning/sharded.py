@@ -9,7 +9,7 @@ module does for them:
   rank 0 (single device, DDP: the plugin serves it), one that loads itself (full state saved through the plugin,
   loaded by the strategy), one that also saves itself (sharded). Any other strategy that writes its own files
   (DeepSpeed, XLA) is refused, naming it and what to use instead.
-- `ShardedSave` writes Lightning's own sharded layout (`checkpoint.ckpt/` with one `__{rank}_0.distcp` per rank,
+- `ShardedSave` describes Lightning's own sharded layout (`checkpoint.ckpt/` with one `__{rank}_0.distcp` per rank,
   the DCP `.metadata`, and Lightning's `meta.pt` with everything but the model and optimizer), so Lightning's
   own loader reads it, into the run's staging folder; the run controller commits it collectively
   (`RunController.save_written`): manifest of every shard with checksums, atomic publish, retention. With
@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ckpt_callbacks.core.distributed.collective import Collective, SingleProcess, TorchDistributed
+from ckpt_callbacks.core.distributed.dcp_folder import HostCopy, dcp_folder_writer
 from ckpt_callbacks.core.format import layout
 
 __all__ = ["ShardedSave", "StrategySupport", "collective_of", "strategy_support", "verify_before_loading"]
@@ -107,13 +108,14 @@ def collective_of(trainer: Any) -> Collective:
 
 
 class ShardedSave:
-    """Writes one sharded checkpoint the way the strategy's own `save_checkpoint` lays it out, into the folder the
-    core hands it (`write_files`), from live state (sync) or from a host copy (`stage=True`)."""
+    """Describes one sharded checkpoint the way the strategy's own `save_checkpoint` lays it out (which keys go to
+    DCP, which to `meta.pt`); the core writes it (`core/distributed/dcp_folder.py`) into the folder the commit
+    hands it, from live state (sync) or from a host copy (`stage=True`)."""
 
     def __init__(self, support: StrategySupport, collective: Collective) -> None:
         self.support = support
         self.collective = collective
-        self._host_copy: dict[str, Any] | None = None  # reused between saves: no fresh pages for each copy
+        self._host_copy = HostCopy()  # reused between saves: no fresh pages for each copy
 
     def files_writer(self, checkpoint: dict[str, Any], *, stage: bool) -> Callable[[Path], None]:
         """`write_files(folder)` for Lightning's checkpoint dict `checkpoint` (`dump_checkpoint()`, taken on every
@@ -122,38 +124,9 @@ class ShardedSave:
         shards = {self.support.model_key: checkpoint.pop("state_dict")}
         shards.update({f"optimizer_{index}": state for index, state in enumerate(checkpoint.pop("optimizer_states", []))})
         if stage:
-            shards = self._copy_to_host(shards)
-        metadata = _serialized(checkpoint) if self.collective.rank == 0 else None
-        collective = self.collective
-
-        def write(folder: Path) -> None:
-            import torch.distributed.checkpoint as dcp
-
-            target = folder / CHECKPOINT_FILE
-            target.mkdir(parents=True, exist_ok=True)
-            # DCP's own fsync of each file is left out: the commit fsyncs every file once, before publishing.
-            writer = dcp.FileSystemWriter(str(target), sync_files=False)
-            if collective.world_size > 1:
-                dcp.save(shards, storage_writer=writer, process_group=getattr(collective, "group", None))
-            else:
-                dcp.save(shards, storage_writer=writer, no_dist=True)
-            if metadata is not None:
-                (target / self.support.metadata_file).write_bytes(metadata)
-
-        return write
-
-    def _copy_to_host(self, shards: dict[str, Any]) -> dict[str, Any]:
-        """A host copy of `shards` (DTensor and ShardedTensor shards included), in buffers kept from the last save
-        when the layout is the same (torch's own staging helpers, as `torch.distributed.checkpoint` stages)."""
-        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-
-        if self._host_copy is not None:
-            try:
-                return dict(_copy_state_dict(shards, self._host_copy))
-            except (KeyError, RuntimeError, ValueError, TypeError, AssertionError):
-                self._host_copy = None  # the layout changed (another optimizer state, a resized shard): new buffers
-        self._host_copy = dict(_create_cpu_state_dict(shards, pin_memory=torch.cuda.is_available()))
-        return dict(_copy_state_dict(shards, self._host_copy))
+            shards = self._host_copy.copy(shards)
+        side_file = (self.support.metadata_file, _serialized(checkpoint)) if self.collective.rank == 0 else None
+        return dcp_folder_writer(CHECKPOINT_FILE, shards, self.collective, side_file=side_file)
 
 
 def _serialized(value: Any) -> bytes:

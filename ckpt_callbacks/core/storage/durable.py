@@ -28,6 +28,7 @@ __all__ = [
     "fsync_dir",
     "fsync_file",
     "fsync_tree",
+    "move_entries_up",
     "remove_leftover",
     "remove_stale_leftovers",
     "remove_tree_quietly",
@@ -159,6 +160,14 @@ def replace_folder(staging: Path, target: Path) -> Path | None:
     os.replace(staging, target)
     fsync_dir(target.parent)
     return trash
+
+
+def move_entries_up(folder: Path) -> None:
+    """Move every entry of `folder` into its parent and remove the emptied `folder`: for a framework saver that
+    writes its own `checkpoint-{step}/` inside the staging folder it was given (both hidden, both the library's)."""
+    for entry in os.listdir(folder):
+        os.replace(folder / entry, folder.parent / entry)
+    os.rmdir(folder)
 
 
 def delete_tree(path: Path) -> None:
