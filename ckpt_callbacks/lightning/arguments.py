@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from ckpt_callbacks.config import CheckpointArguments
 
-__all__ = ["with_flag_parameters"]
+__all__ = ["adapter_classes", "missing_framework", "with_flag_parameters"]
 
 T = TypeVar("T", bound=type)
 
@@ -46,3 +46,26 @@ def with_flag_parameters(cls: T) -> T:
     __init__.__signature__ = inspect.Signature([self_parameter, *flag_parameters()])  # type: ignore[attr-defined]
     cls.__init__ = __init__  # type: ignore[misc]
     return cls
+
+
+def missing_framework(package: str, adapter: str, other_import: str, other_adapter: str) -> ImportError:
+    """The error of an adapter module imported without its framework, naming the install and the sibling
+    adapter (`lightning.pytorch` and `pytorch_lightning` have different classes)."""
+    return ImportError(
+        f"{adapter} needs the `{package}` package: pip install '{package}'. With `import {other_import}`, use "
+        f"{other_adapter} instead.")
+
+
+def adapter_classes(module: str, model_checkpoint: type, checkpoint_io: type) -> tuple[type, type]:
+    """`CheckpointIOPlugin` and `CheckpointCallback` on one Lightning package's base classes (`lightning.pytorch`
+    and `pytorch_lightning` have distinct ones, and each Trainer accepts only its own), defined as top-level
+    names of `module` so that pickling and LightningCLI's `class_path` find them."""
+    from ckpt_callbacks.lightning.callback import CheckpointCallbackLogic
+    from ckpt_callbacks.lightning.plugin import CheckpointIOLogic
+
+    made = []
+    for name, logic, base in (("CheckpointIOPlugin", CheckpointIOLogic, checkpoint_io),
+                              ("CheckpointCallback", CheckpointCallbackLogic, model_checkpoint)):
+        cls = type(name, (logic, base), {"__module__": module, "__qualname__": name, "__doc__": logic.__doc__})
+        made.append(with_flag_parameters(cls))
+    return made[0], made[1]

@@ -4,28 +4,14 @@ requires; the `lightning.pytorch` ones are different classes)."""
 
 from __future__ import annotations
 
+from ckpt_callbacks.lightning.arguments import adapter_classes, missing_framework
+
 try:
     from pytorch_lightning.callbacks import ModelCheckpoint
     from pytorch_lightning.plugins.io import CheckpointIO
 except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError(
-        "ckpt_callbacks.pytorch_lightning needs the `pytorch_lightning` package: pip install pytorch-lightning. "
-        "With `import lightning.pytorch`, use ckpt_callbacks.lightning instead."
-    ) from exc
+    raise missing_framework("pytorch-lightning", "ckpt_callbacks.pytorch_lightning", "lightning.pytorch", "ckpt_callbacks.lightning") from exc
 
-from ckpt_callbacks.lightning.arguments import with_flag_parameters
-from ckpt_callbacks.lightning.callback import CheckpointCallbackLogic
-from ckpt_callbacks.lightning.plugin import CheckpointIOLogic
-
-
-@with_flag_parameters
-class CheckpointIOPlugin(CheckpointIOLogic, CheckpointIO):
-    __doc__ = CheckpointIOLogic.__doc__
-
-
-@with_flag_parameters
-class CheckpointCallback(CheckpointCallbackLogic, ModelCheckpoint):
-    __doc__ = CheckpointCallbackLogic.__doc__
-
+CheckpointIOPlugin, CheckpointCallback = adapter_classes(__name__, ModelCheckpoint, CheckpointIO)
 
 __all__ = ["CheckpointCallback", "CheckpointIOPlugin"]
