@@ -43,6 +43,7 @@ SCENARIOS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
     "first_save": ("benchmarks.first_save", 5, 2, ("45M", "350M")),
     "loaded": ("benchmarks.loaded", 5, 2, ("tiny", "45M")),
     "gpu": ("benchmarks.gpu", 5, 2, ("124M", "350M")),
+    "sharded": ("benchmarks.sharded", 5, 2, ("45M",)),
     "writer_mode": ("benchmarks.writer_mode", 5, 2, ("124M",)),
 }
 # Run only when named with --only: the measurement behind a settled design choice (a writer thread, not a process).

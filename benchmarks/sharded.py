@@ -1,4 +1,4 @@
-"""(10) Lightning sharded saves: this library vs Lightning's own DCP save, in the same run.
+"""(12) Lightning sharded saves: this library vs Lightning's own DCP save, in the same run.
 
 `ModelParallelStrategy` with FSDP2 (`fully_shard` per layer) on 2 CPU processes (gloo), an MLP with Adam. In
 one `Trainer.fit`, `CheckpointCallback` saves every K steps (each rank copies its shards to host memory; the
@@ -64,7 +64,7 @@ def run(size: str, repeats: int, *, async_save: bool = True, phases: bool = Fals
     m = medians(rows)
     return {
         "scenario": "sharded", "size": size, "bytes": per_rank[0]["bytes"] + per_rank[1]["bytes"], "rows": rows,
-        "title": "(10) Lightning ModelParallelStrategy (FSDP2, 2 processes): sharded save, ours vs Lightning's own",
+        "title": "(12) Lightning ModelParallelStrategy (FSDP2, 2 processes): sharded save, ours vs Lightning's own",
         "ratios": [
             ratio(f"stall: ours / {LIGHTNING}", m[f"stall: {ours_name}"], m[f"stall: {LIGHTNING}"], target=0.1),
             ratio(f"time to durable: ours / {LIGHTNING_DURABLE}", m[f"time to durable: {ours_name}"],
