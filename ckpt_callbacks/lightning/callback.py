@@ -136,6 +136,7 @@ class CheckpointCallbackLogic:
 
     def _reset_run_state(self) -> None:
         self._last_step_seen: int | None = None
+        self._staging_prepared = False  # the first save's host buffers reserved (after the first optimizer step)
         self._fit_start: tuple[int, int] | None = None  # (global_step, batches) when this fit's training started
         self._restored_checkpoint: dict[str, Any] | None = None  # until the resumed training starts
 
@@ -450,6 +451,9 @@ class CheckpointCallbackLogic:
         if step == self._last_step_seen:
             return  # accumulating gradients: no optimizer step ended
         self._last_step_seen = step
+        if not self._staging_prepared:
+            self._staging_prepared = True
+            self._prepare_staging(trainer)
         if self._agreed(trainer, self.run.flush_deferred()):
             self._save(trainer)
         decision = self.run.step_ended(step, validation_follows=_validation_follows(trainer),
@@ -556,6 +560,18 @@ class CheckpointCallbackLogic:
             self._plugin.expect_save(path, epoch=_fractional_epoch(trainer), metrics=self._metrics_now(trainer))
             trainer.save_checkpoint(path, weights_only=self.args.save_only_model)
         self.run.saved(step)  # every rank: Lightning writes on rank 0 only, but all ranks must agree what is saved
+
+    def _prepare_staging(self, trainer: Any) -> None:
+        """After the first optimizer step (the optimizer state exists now), let the manager reserve, in the
+        background, the host buffers the first async save will copy Lightning's checkpoint dict into: its
+        `state_dict` and `optimizer_states`, under the same keys, so that save does not fault in fresh memory.
+        Lightning writes on global rank 0 only; a sharded save stages its own host copy."""
+        if self._sharded_save is not None or not trainer.is_global_zero or not self.run.policy.saves_during_training:
+            return
+        layout_of_the_save: dict[str, Any] = {"state_dict": trainer.lightning_module.state_dict()}
+        if not self.args.save_only_model:
+            layout_of_the_save["optimizer_states"] = [optimizer.state_dict() for optimizer in trainer.optimizers]
+        self.run.manager.prepare_staging({CHECKPOINT_FILE: layout_of_the_save})
 
     def _save_sharded(self, trainer: Any, step: int) -> None:
         """Every rank: Lightning's checkpoint dict (its hooks run as for `trainer.save_checkpoint`), written in the
