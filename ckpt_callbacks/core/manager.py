@@ -281,7 +281,7 @@ class CheckpointManager:
         of the state the last `load` restored will copy into (once; nothing otherwise). `should_save_step`,
         `should_save_epoch`, `wait_for_staging` and the adapters' run start call it, so a resumed run's first
         save reuses memory already in place, while a script that only loads reserves nothing. The manifest's
-        provenance (package versions, a `git rev-parse`: 40-60 ms) is gathered on a thread from here too, so the
+        provenance (package versions, the git commit read from `.git`) is gathered on a thread from here too, so the
         first save does not wait for it."""
         self._saver.start_expected()
         if not self._provenance_started:
