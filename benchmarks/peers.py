@@ -40,7 +40,6 @@ dropped from the page cache (`posix_fadvise(DONTNEED)`).
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -71,6 +70,7 @@ from benchmarks.common import (
     training_state,
 )
 from ckpt_callbacks import CheckpointArguments, CheckpointManager
+from ckpt_callbacks.core.storage.durable import fsync_file
 
 OURS = "ours, CheckpointManager.save (async)"
 OURS_2 = "ours, CheckpointManager.save (async), pass 2"
@@ -221,7 +221,7 @@ def _saver(name: str, state: TrainingState, folder: Path) -> Saver:
         def torch_save(step: int) -> None:
             path = folder / f"step-{step}.pt"
             torch.save({"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict()}, path)
-            _fsync(path)
+            fsync_file(path)
         return Saver(torch_save, lambda: None, folder=folder)
     if name == LIGHTNING:
         from lightning.pytorch.plugins.io import AsyncCheckpointIO, TorchCheckpointIO
@@ -238,7 +238,7 @@ def _saver(name: str, state: TrainingState, folder: Path) -> Saver:
         def lightning_durable() -> None:
             plugin.teardown()  # waits for the thread's write
             while written:
-                _fsync(written.pop())
+                fsync_file(written.pop())
         return Saver(lightning_save, lightning_durable, plugin.teardown, folder)
     return _dcp_saver(name, state, folder)
 
@@ -273,14 +273,6 @@ def _dcp_saver(name: str, state: TrainingState, folder: Path) -> Saver:
             pending.pop().result()
 
     return Saver(dcp_save, dcp_durable, stager.close if stager is not None else (lambda: None), folder)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _clear_saves(folder: Path | None) -> None:

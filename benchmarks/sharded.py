@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
 
 from benchmarks.common import medians, ratio, row, scratch  # noqa: E402
+from ckpt_callbacks.core.storage.durable import fsync_dir, fsync_file  # noqa: E402
 
 # MLP shapes (layers, width): parameters ~ layers * width^2; Adam doubles the optimizer state.
 SIZES = {"2M": (2, 1024), "45M": (11, 2048), "124M": (30, 2048)}
@@ -176,10 +177,10 @@ def _probe_class(pl: Any) -> Any:
             stall = time.perf_counter() - started
             own = [path / f"__{self.rank}_0.distcp"] + ([path / ".metadata", path / "meta.pt"] if self.rank == 0 else [])
             for file in own:
-                _fsync(file)
+                fsync_file(file)
             if self.rank == 0:
-                _fsync(path)
-                _fsync(path.parent)
+                fsync_dir(path)
+                fsync_dir(path.parent)
             durable = time.perf_counter() - started
             trainer.strategy.barrier("benchmark.lightning_save")
             self.lightning.append((stall, durable))
@@ -229,14 +230,6 @@ def _time_phases(rank: int) -> None:
     timed(store.LocalStore, "publish")
     timed(sharded.ShardedSave, "files_writer")
     timed(commit, "commit_checkpoint")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def main() -> None:

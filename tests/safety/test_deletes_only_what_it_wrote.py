@@ -9,6 +9,7 @@ remove it).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -74,3 +75,86 @@ def test_a_remote_run_never_deletes_a_checkpoint_prefix_it_did_not_write(tmp_pat
         assert fs.cat(f"{root}/checkpoint-5/trainer_state.json") == b'{"global_step": 5}'
     finally:
         fs.rm(f"/safety-{tmp_path.name}", recursive=True)
+
+
+def test_a_remote_remove_deletes_one_checkpoint_object_never_a_prefix_of_other_objects(tmp_path: Path) -> None:
+    """`remove_file` (Lightning's `remove_checkpoint` through the plugin) on an fsspec URL: stock
+    `TorchCheckpointIO` removes recursively; here only a single object goes, and a prefix is refused."""
+    import fsspec
+
+    from ckpt_callbacks.core.format.single_file import remove_file
+
+    fs = fsspec.filesystem("memory")
+    root = f"/safety-remove-{tmp_path.name}"
+    fs.pipe(f"{root}/epoch=0.ckpt", b"a checkpoint file")
+    fs.pipe(f"{root}/mine/notes.txt", b"the user's notes")
+    try:
+        with pytest.raises(CheckpointError, match=r"is a folder, not a checkpoint file: not deleted"):
+            remove_file(f"memory://{root}/mine")
+        assert fs.cat(f"{root}/mine/notes.txt") == b"the user's notes"
+        remove_file(f"memory://{root}/epoch=0.ckpt")
+        assert not fs.exists(f"{root}/epoch=0.ckpt")
+        remove_file(f"memory://{root}/epoch=0.ckpt")  # already gone: fine, as stock
+    finally:
+        fs.rm(root, recursive=True)
+
+
+def test_moving_a_framework_savers_folder_up_never_overwrites_and_never_follows_a_link(tmp_path: Path) -> None:
+    """`move_entries_up` (the HF stock saver's `checkpoint-N/` flattened into the staging folder)."""
+    from ckpt_callbacks.core.storage.durable import move_entries_up
+
+    staging = tmp_path / "staging"
+    (staging / "checkpoint-4").mkdir(parents=True)
+    (staging / "checkpoint-4" / "model.safetensors").write_bytes(b"new")
+    (staging / "model.safetensors").write_bytes(b"already here")
+    with pytest.raises(FileExistsError, match=r"already holds \['model.safetensors'\]"):
+        move_entries_up(staging / "checkpoint-4")
+    assert (staging / "model.safetensors").read_bytes() == b"already here"
+    assert (staging / "checkpoint-4" / "model.safetensors").read_bytes() == b"new"
+
+    before = _users_folder(tmp_path / "users")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "checkpoint-4").symlink_to(tmp_path / "users", target_is_directory=True)
+    with pytest.raises(NotADirectoryError, match=r"a link or a file"):
+        move_entries_up(tmp_path / "linked" / "checkpoint-4")
+    assert tree_digest(tmp_path / "users") == before and sorted(os.listdir(tmp_path / "linked")) == ["checkpoint-4"]
+
+    (staging / "model.safetensors").unlink()
+    move_entries_up(staging / "checkpoint-4")
+    assert sorted(os.listdir(staging)) == ["model.safetensors"]
+
+
+def test_a_failed_clone_removes_only_the_file_it_created(tmp_path: Path) -> None:
+    """The export's copy-on-write attempt creates its target exclusively, so the `unlink` after a failed clone can
+    only remove that new file, never one that was there."""
+    from ckpt_callbacks.core.export import _clone
+
+    source, target = tmp_path / "source.safetensors", tmp_path / "target.safetensors"
+    source.write_bytes(b"committed bytes")
+    target.write_bytes(b"a file that was already there")
+    assert _clone(source, target) is False
+    assert target.read_bytes() == b"a file that was already there"
+    fresh = tmp_path / "fresh.safetensors"
+    cloned = _clone(source, fresh)
+    assert fresh.read_bytes() == b"committed bytes" if cloned else not fresh.exists()
+
+
+def test_a_link_named_like_a_stale_leftover_is_removed_as_a_link_and_its_target_kept(tmp_path: Path) -> None:
+    """`remove_leftover` deletes a dead writer's staging entry; one that is a link to a user's folder loses the
+    link only."""
+    import subprocess
+    import sys
+
+    from ckpt_callbacks.core.format import layout
+    from ckpt_callbacks.core.storage.durable import remove_stale_leftovers
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    name = f".staging-{layout._host()}-{int(dead.stdout)}-0123abcd"
+    assert layout.is_stale_leftover(name)
+    before = _users_folder(tmp_path / "users")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / name).symlink_to(tmp_path / "users", target_is_directory=True)
+    assert remove_stale_leftovers(tmp_path / "run") == [name]
+    assert not os.path.lexists(tmp_path / "run" / name)
+    assert tree_digest(tmp_path / "users") == before

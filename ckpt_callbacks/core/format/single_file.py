@@ -47,7 +47,12 @@ from ckpt_callbacks.core.format.provenance import library_versions
 from ckpt_callbacks.core.storage.checksums import checksum_fd, checksum_file
 from ckpt_callbacks.core.storage.durable import fsync_dir, remove_stale_leftovers, write_file_atomically
 from ckpt_callbacks.core.storage.errors import write_error
-from ckpt_callbacks.errors import CheckpointCorruptError, CheckpointNotFoundError, CheckpointWriteError
+from ckpt_callbacks.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+)
 
 __all__ = ["EMBEDDED_MANIFEST", "is_url", "load_torch_file", "read_embedded_manifest", "remove_file",
            "save_torch_file", "verify_file"]
@@ -229,8 +234,11 @@ def remove_file(path: str | os.PathLike[str]) -> None:
     """Delete a single-file checkpoint (what Lightning's `remove_checkpoint` asks for); a missing file is fine."""
     if is_url(path):
         fs, remote = _filesystem(os.fspath(path))
-        if fs.exists(remote):
-            fs.rm(remote, recursive=True)
+        if fs.isfile(remote):
+            fs.rm(remote)  # one object: a prefix (a "folder" of other objects) is never removed
+        elif fs.exists(remote):
+            raise CheckpointError(f"{path} is a folder, not a checkpoint file: not deleted. Remove it yourself if it "
+                                  "is meant to go.")
         return
     target = _local(path)
     try:

@@ -164,9 +164,18 @@ def replace_folder(staging: Path, target: Path) -> Path | None:
 
 def move_entries_up(folder: Path) -> None:
     """Move every entry of `folder` into its parent and remove the emptied `folder`: for a framework saver that
-    writes its own `checkpoint-{step}/` inside the staging folder it was given (both hidden, both the library's)."""
-    for entry in os.listdir(folder):
-        os.replace(folder / entry, folder.parent / entry)
+    writes its own `checkpoint-{step}/` inside the staging folder it was given (both hidden, both the library's).
+
+    Never overwrites: an entry whose name the parent already has, or a `folder` that is a link (its entries would
+    be someone else's), raises `FileExistsError` / `NotADirectoryError` before anything moves."""
+    if folder.is_symlink() or not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder the framework saver wrote (a link or a file); nothing moved")
+    entries = os.listdir(folder)
+    taken = [entry for entry in entries if os.path.lexists(folder.parent / entry)]
+    if taken:
+        raise FileExistsError(f"{folder.parent} already holds {taken}; nothing moved out of {folder.name}")
+    for entry in entries:
+        os.rename(folder / entry, folder.parent / entry)
     os.rmdir(folder)
 
 
