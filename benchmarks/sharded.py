@@ -5,7 +5,8 @@ one `Trainer.fit`, `CheckpointCallback` saves every K steps (each rank copies it
 shards are written and committed, with a manifest and fsync, on the writer thread), and at the steps halfway
 between, a probe calls Lightning's own `trainer.save_checkpoint` (`torch.distributed.checkpoint` into a folder,
 synchronous; DCP fsyncs each file), then fsyncs its files and folder to know when it is durable. Our save in
-flight is waited for (untimed) before Lightning's starts, so the two never share the disk.
+flight is waited for (untimed) before Lightning's starts, so the two never share the disk. Both keep the last 2
+saves (a delete, on a `discard` mount, changes how fast the next write reaches the disk).
 
 - stall: seconds the training loop waits at a save step, beyond a step without a save (the slower rank);
 - time to durable: from the start of the save to the checkpoint being on disk (ours: committed and visible;
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -184,6 +186,11 @@ def _probe_class(pl: Any) -> Any:
             durable = time.perf_counter() - started
             trainer.strategy.barrier("benchmark.lightning_save")
             self.lightning.append((stall, durable))
+            # The same retention as ours (save_total_limit=2), untimed: with `discard` mounts a delete changes how
+            # fast the next write reaches the disk, so both sides delete alike.
+            retired = path.parent / f"step-{trainer.global_step - 2 * EVERY}.ckpt"
+            if self.rank == 0 and retired.is_dir():
+                shutil.rmtree(retired)
 
         def report(self) -> dict[str, Any]:
             plain = [seconds for step, seconds in self.hook.items() if step % EVERY]

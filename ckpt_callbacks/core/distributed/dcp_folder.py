@@ -29,7 +29,9 @@ def dcp_folder_writer(
     `torch.distributed.checkpoint.save` into `staging_folder / relative_folder` (collective over `collective`'s
     group), and `side_file` = (name, bytes) next to them (pass it on one rank only).
 
-    DCP's own fsync of each file is left out: the commit fsyncs every file once, before publishing."""
+    Each rank fsyncs the files it wrote (DCP's `sync_files`), all ranks at once: the commit's fsync of every file
+    before publishing then finds them clean, instead of rank 0 flushing every rank's bytes alone (0.2 s of the
+    1.2 s a 0.55 GB save took, benchmarks/sharded.py)."""
     state = dict(shards)
 
     def write(folder: Path) -> None:
@@ -38,7 +40,7 @@ def dcp_folder_writer(
 
         target = folder / relative_folder
         target.mkdir(parents=True, exist_ok=True)
-        writer = FileSystemWriter(str(target), sync_files=False)
+        writer = FileSystemWriter(str(target), sync_files=True)
         if collective.world_size > 1:
             save(state, storage_writer=writer, process_group=getattr(collective, "group", None))
         else:
