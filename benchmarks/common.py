@@ -223,9 +223,13 @@ def medians(result_rows: list[dict[str, Any]]) -> dict[str, float]:
     return {r["name"]: r["median"] for r in result_rows}
 
 
+def _files_under(path: Path) -> list[Path]:
+    return [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+
+
 def read_into_page_cache(folder: Path) -> None:
-    """Read every file under `folder` once with large reads, as a warm-cache run expects to find them."""
-    for path in (p for p in folder.rglob("*") if p.is_file()):
+    """Read every file under `folder` (or the file `folder`) once with large reads, as a warm-cache run expects."""
+    for path in _files_under(folder):
         with open(path, "rb") as f:
             while f.read(64 << 20):
                 pass
@@ -233,8 +237,8 @@ def read_into_page_cache(folder: Path) -> None:
 
 def drop_from_page_cache(folder: Path) -> None:
     """Evict every file under `folder` from the page cache (`posix_fadvise(DONTNEED)`), as for a resume in a new
-    job on another machine. Files written with O_DIRECT are not cached to begin with."""
-    for path in (p for p in folder.rglob("*") if p.is_file()):
+    job on another machine. Files written with O_DIRECT are not cached to begin with. `folder` may be one file."""
+    for path in _files_under(folder):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fdatasync(fd)  # dirty pages are not dropped

@@ -87,6 +87,9 @@ LOAD_MMAP = "torch.load(mmap=True) + load_state_dict"
 LOAD_DCP = "DCP load (get_state_dict, dcp.load, set_state_dict)"
 LOAD_OURS = "ours, CheckpointManager.load (checksums verified)"
 LOADS = (LOAD_TORCH, LOAD_MMAP, LOAD_DCP, LOAD_OURS)
+# What each load reads, under the loads folder. A warm load finds only its own source cached: at 350M the four
+# sources together (13 GB) and the processes do not fit in this machine's memory, so "warm" would be part cold.
+LOAD_SOURCES = {LOAD_TORCH: "state.pt", LOAD_MMAP: "state.pt", LOAD_DCP: "dcp", LOAD_OURS: "ours"}
 COLD_LOADS = (LOAD_TORCH, LOAD_MMAP, LOAD_OURS)
 
 
@@ -183,6 +186,11 @@ def _ratios(m: dict[str, float]) -> list[dict[str, Any]]:
         ratio("durable: ours / dd oflag=direct of the same bytes", m[f"{OURS}: call to durable"],
               m[f"{DD}: call to durable"], target=1.1),
     ]
+    return ratios + _load_ratios(m)
+
+
+def _load_ratios(m: dict[str, float]) -> list[dict[str, Any]]:
+    ratios = []
     for cache in ("warm", "cold"):
         best = min((LOAD_TORCH, LOAD_MMAP), key=lambda name: m[f"{name}, {cache}: load + first step"])
         ratios.append(ratio(f"{cache}: ours load + first step / best torch.load ({best})",
@@ -191,6 +199,18 @@ def _ratios(m: dict[str, float]) -> list[dict[str, Any]]:
     ratios.append(ratio("warm: ours load + first step / DCP load + first step", m[f"{LOAD_OURS}, warm: load + first step"],
                         m[f"{LOAD_DCP}, warm: load + first step"]))
     return ratios
+
+
+def run_loads(size: str, repeats: int) -> dict[str, Any]:
+    """The loads of `run` alone (scenario `peer_loads`): every format written once from one training state, then
+    each loaded in fresh processes, warm and cold."""
+    state = training_state(size)
+    with scratch("peer-loads") as root:
+        rows = _loads(state, root, repeats)
+    m = medians(rows)
+    per_gb = {name: m[name] / gb(state.nbytes) for name in m if name.endswith("load + first step")}
+    return {"scenario": "peer_loads", "title": "(8b) peers: load + first optimizer step", "size": size,
+            "bytes": state.nbytes, "rows": rows, "ratios": _load_ratios(m), "per_gb": per_gb}
 
 
 def _per_gb(m: dict[str, float], nbytes: int) -> dict[str, float]:
@@ -311,10 +331,9 @@ def _loads(state: TrainingState, root: Path, repeats: int) -> list[dict[str, Any
             for name in LOADS:
                 if cache == "cold" and name not in COLD_LOADS:
                     continue
+                drop_from_page_cache(sources)
                 if cache == "warm":
-                    read_into_page_cache(sources)
-                else:
-                    drop_from_page_cache(sources)
+                    read_into_page_cache(sources / LOAD_SOURCES[name])
                 seconds = in_fresh_process("benchmarks.peers", name, str(sources))
                 load.setdefault(f"{name}, {cache}", []).append(seconds["load"])
                 step.setdefault(f"{name}, {cache}", []).append(seconds["step"])

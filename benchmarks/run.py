@@ -40,14 +40,16 @@ SCENARIOS: dict[str, tuple[str, int, int, tuple[str, ...]]] = {
     "export": ("benchmarks.export", 5, 2, ("45M", "124M", "350M")),
     "lightning": ("benchmarks.lightning_io", 5, 2, ("45M", "124M")),
     "peers": ("benchmarks.peers", 5, 2, ("45M", "124M", "350M")),
+    "peer_loads": ("benchmarks.peer_loads", 5, 2, ("350M",)),
     "first_save": ("benchmarks.first_save", 5, 2, ("45M", "350M")),
     "loaded": ("benchmarks.loaded", 5, 2, ("tiny", "45M")),
     "gpu": ("benchmarks.gpu", 5, 2, ("124M", "350M")),
     "sharded": ("benchmarks.sharded", 5, 2, ("45M",)),
     "writer_mode": ("benchmarks.writer_mode", 5, 2, ("124M",)),
 }
-# Run only when named with --only: the measurement behind a settled design choice (a writer thread, not a process).
-NOT_IN_FULL_RUN = frozenset({"writer_mode"})
+# Run only when named with --only: the measurement behind a settled design choice (a writer thread, not a process),
+# and the loads of `peers` alone (a rerun of that part).
+NOT_IN_FULL_RUN = frozenset({"writer_mode", "peer_loads"})
 
 
 def main() -> None:
