@@ -158,3 +158,24 @@ def test_a_link_named_like_a_stale_leftover_is_removed_as_a_link_and_its_target_
     assert remove_stale_leftovers(tmp_path / "run") == [name]
     assert not os.path.lexists(tmp_path / "run" / name)
     assert tree_digest(tmp_path / "users") == before
+
+
+def test_a_local_remove_takes_a_link_not_its_target_and_refuses_a_folder(tmp_path: Path) -> None:
+    """`remove_file` on a local path: a link named like the checkpoint loses the link only (the user's file it points
+    to stays), and a folder at that path is refused with its contents kept (stock removes it recursively)."""
+    from ckpt_callbacks.core.format.single_file import remove_file
+
+    users = tmp_path / "users-weights.pt"
+    users.write_bytes(b"the user's weights")
+    link = tmp_path / "epoch=0.ckpt"
+    link.symlink_to(users)
+    remove_file(link)
+    assert not os.path.lexists(link)
+    assert users.read_bytes() == b"the user's weights"
+
+    folder = tmp_path / "epoch=1.ckpt"
+    folder.mkdir()
+    (folder / "notes.txt").write_bytes(b"the user's notes")
+    with pytest.raises(CheckpointError):
+        remove_file(folder)
+    assert (folder / "notes.txt").read_bytes() == b"the user's notes"
